@@ -1,0 +1,241 @@
+"""The FocalRetinaNet meta-architecture."""
+
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.anchor_generator import build_anchor_generator
+from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import Tensor
+
+from .cls_losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
+from .heads import FOCAL_HEAD_REGISTRY, build_focal_head
+
+__all__ = ["FocalRetinaNet", "check_focal_config"]
+
+
+def _fail(key: str, value, allowed: str) -> None:
+    raise ValueError(f"Invalid config: {key} = {value!r}; allowed: {allowed}.")
+
+
+def check_focal_config(cfg: CN) -> None:
+    """
+    Raise ValueError naming the key and its allowed values for a config value the detector
+    cannot train with.
+    """
+    retinanet, focal = cfg.MODEL.RETINANET, cfg.MODEL.FOCAL_RETINANET
+    if not retinanet.FOCAL_LOSS_GAMMA >= 0:
+        _fail("MODEL.RETINANET.FOCAL_LOSS_GAMMA", retinanet.FOCAL_LOSS_GAMMA, ">= 0")
+    alpha = retinanet.FOCAL_LOSS_ALPHA
+    if not (0 <= alpha <= 1 or alpha == -1):
+        _fail("MODEL.RETINANET.FOCAL_LOSS_ALPHA", alpha, "[0, 1], or -1 for no weighting")
+    if not 0 < retinanet.PRIOR_PROB < 1:
+        _fail("MODEL.RETINANET.PRIOR_PROB", retinanet.PRIOR_PROB, "(0, 1)")
+    for key, registry, name in (
+        ("HEAD_NAME", FOCAL_HEAD_REGISTRY, focal.HEAD_NAME),
+        ("CLS_LOSS_NAME", FOCAL_CLS_LOSS_REGISTRY, focal.CLS_LOSS_NAME),
+    ):
+        if name not in registry:
+            _fail(f"MODEL.FOCAL_RETINANET.{key}", name, ", ".join(sorted(n for n, _ in registry)))
+    if focal.CLS_LOSS_NAME == "FocalStarLoss" and not retinanet.FOCAL_LOSS_GAMMA > 0:
+        _fail("MODEL.RETINANET.FOCAL_LOSS_GAMMA", retinanet.FOCAL_LOSS_GAMMA, "> 0 for FL*")
+    ohem = focal.OHEM
+    if not (isinstance(ohem.BATCH_SIZE_PER_IMAGE, int) and ohem.BATCH_SIZE_PER_IMAGE > 0):
+        _fail("MODEL.FOCAL_RETINANET.OHEM.BATCH_SIZE_PER_IMAGE", ohem.BATCH_SIZE_PER_IMAGE, "> 0")
+    if not 0 < ohem.NMS_THRESH <= 1:
+        _fail("MODEL.FOCAL_RETINANET.OHEM.NMS_THRESH", ohem.NMS_THRESH, "(0, 1]")
+    if not (0 < ohem.FG_FRACTION <= 1 or ohem.FG_FRACTION == -1):
+        _fail("MODEL.FOCAL_RETINANET.OHEM.FG_FRACTION", ohem.FG_FRACTION, "(0, 1], or -1")
+    if focal.DIAGNOSTICS_PERIOD < 0:
+        _fail("MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD", focal.DIAGNOSTICS_PERIOD, ">= 0")
+
+
+@META_ARCH_REGISTRY.register()
+class FocalRetinaNet(RetinaNet):
+    """
+    RetinaNet of :paper:`RetinaNet` with its classification loss and head as parts.
+
+    At default config it is Detectron2's ``RetinaNet``: the same state-dict keys, losses,
+    gradients and detections. The classification loss (``cls_loss``, a
+    :class:`ClassificationLoss`) decides how many logits each anchor has and how they become
+    scores; the losses are normalised by the EMA of the number of foreground anchors, summed over
+    all processes when ``num_pos_across_workers``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        cls_loss: ClassificationLoss,
+        num_pos_across_workers: bool = True,
+        diagnostics_period: int = 20,
+        **kwargs,
+    ):
+        """
+        Args:
+            cls_loss: the classification loss; it also turns logits into scores at inference.
+            num_pos_across_workers: normalise by the number of positive anchors of all processes.
+            diagnostics_period: write imbalance diagnostics every this many iterations; 0 = off.
+            kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
+        """
+        super().__init__(**kwargs)
+        self.cls_loss = cls_loss
+        self.num_pos_across_workers = num_pos_across_workers
+        self.diagnostics_period = diagnostics_period
+
+    @classmethod
+    def from_config(cls, cfg):
+        check_focal_config(cfg)
+        backbone = build_backbone(cfg)
+        backbone_shape = backbone.output_shape()
+        feature_shapes = [backbone_shape[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
+        retinanet = cfg.MODEL.RETINANET
+        return {
+            "backbone": backbone,
+            "head": build_focal_head(cfg, feature_shapes),
+            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
+            "box2box_transform": Box2BoxTransform(weights=retinanet.BBOX_REG_WEIGHTS),
+            "anchor_matcher": Matcher(
+                retinanet.IOU_THRESHOLDS,
+                retinanet.IOU_LABELS,
+                allow_low_quality_matches=cfg.MODEL.FOCAL_RETINANET.ALLOW_LOW_QUALITY_MATCHES,
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "num_classes": retinanet.NUM_CLASSES,
+            "head_in_features": retinanet.IN_FEATURES,
+            # Loss parameters:
+            "cls_loss": build_cls_loss(cfg),
+            "smooth_l1_beta": retinanet.SMOOTH_L1_LOSS_BETA,
+            "box_reg_loss_type": retinanet.BBOX_REG_LOSS_TYPE,
+            "num_pos_across_workers": cfg.MODEL.FOCAL_RETINANET.NUM_POS_ACROSS_WORKERS,
+            "diagnostics_period": cfg.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD,
+            # Inference parameters:
+            "test_score_thresh": retinanet.SCORE_THRESH_TEST,
+            "test_topk_candidates": retinanet.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": retinanet.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            # Vis parameters
+            "vis_period": cfg.VIS_PERIOD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    @property
+    def num_logits(self) -> int:
+        """Classification logits per anchor."""
+        return self.cls_loss.num_logits(self.num_classes)
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
+            predictions, [self.num_logits, 4]
+        )
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        return self.losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+        """
+        Args:
+            anchors (list[Boxes]): #lvl anchors, each (Hi*Wi*A, 4).
+            pred_logits (list[Tensor]): #lvl tensors of shape (N, Hi*Wi*A, L).
+            gt_labels (list[Tensor]): N tensors of shape (R,), R = sum(Hi*Wi*A), values in
+                {-1: ignore, 0..K-1: class, K: background}.
+            pred_anchor_deltas (list[Tensor]): #lvl tensors of shape (N, Hi*Wi*A, 4).
+            gt_boxes (list[Tensor]): N tensors of shape (R, 4).
+
+        Returns:
+            dict[str, Tensor]: "loss_cls" and "loss_box_reg", scalars.
+        """
+        num_images = len(gt_labels)
+        gt_labels = torch.stack(gt_labels)  # (N, R)
+        pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
+        num_pos_anchors = pos_mask.sum().item()
+        storage = get_event_storage()
+        storage.put_scalar("num_pos_anchors", num_pos_anchors / num_images)
+        normalizer = self._ema_update(
+            "loss_normalizer", max(self._num_pos_per_worker(num_pos_anchors), 1), 100
+        )
+
+        logits = cat(pred_logits, dim=1)
+        anchor_boxes = Boxes.cat(anchors).tensor
+        loss_cls = self.cls_loss(logits, gt_labels, anchor_boxes)
+        if self.cls_loss.normalize_by_num_foreground:
+            loss_cls = loss_cls / normalizer
+        loss_box_reg = _dense_box_regression_loss(
+            [anchor_boxes],
+            self.box2box_transform,
+            pred_anchor_deltas,
+            gt_boxes,
+            pos_mask,
+            box_reg_loss_type=self.box_reg_loss_type,
+            smooth_l1_beta=self.smooth_l1_beta,
+        )
+        if self.diagnostics_period > 0 and storage.iter % self.diagnostics_period == 0:
+            storage.put_scalars(**self.imbalance_diagnostics(logits.detach(), gt_labels))
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
+
+    def _num_pos_per_worker(self, num_pos_anchors: int) -> float:
+        """
+        Number of positives that makes the losses averaged by DDP equal the batch's summed loss
+        divided by its total number of positives, as in the paper's synchronous 8-GPU SGD.
+        """
+        world_size = comm.get_world_size()
+        if not self.num_pos_across_workers or world_size == 1:
+            return num_pos_anchors
+        total = torch.tensor([num_pos_anchors], dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.item() / world_size
+
+    @torch.no_grad()
+    def imbalance_diagnostics(self, logits: Tensor, gt_labels: Tensor) -> Dict[str, float]:
+        """
+        The class-imbalance figures the paper discusses, for one batch.
+
+        Args:
+            logits: (N, R, L) classification logits; gt_labels: (N, R) anchor labels.
+
+        Returns:
+            dict with "focal/neg_loss_share" (share of the classification loss from background
+            anchors), "focal/easy_neg_loss_share" (from background anchors with p_t > 0.9,
+            i.e. every class probability below 0.1) and "focal/pos_fg_prob" (mean probability
+            of the true class on foreground anchors; nan without foreground).
+        """
+        valid = gt_labels >= 0
+        logits, labels = logits[valid], gt_labels[valid]
+        loss = self.cls_loss.per_anchor_loss(logits, labels).float()
+        scores = self.cls_loss.predict_scores(logits).float()
+        negative = labels == self.num_classes
+        easy_negative = negative & (scores.max(dim=1).values < 0.1)
+        total = loss.sum().clamp(min=torch.finfo(loss.dtype).tiny)
+        positive = ~negative
+        pos_prob = scores[positive, labels[positive]].mean()
+        return {
+            "focal/neg_loss_share": (loss[negative].sum() / total).item(),
+            "focal/easy_neg_loss_share": (loss[easy_negative].sum() / total).item(),
+            "focal/pos_fg_prob": pos_prob.item(),
+        }
+
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+    ) -> List[Instances]:
+        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
+            predictions, [self.num_logits, 4]
+        )
+        anchors = self.anchor_generator(features)
+        results = []
+        for img_idx, image_size in enumerate(images.image_sizes):
+            scores_per_image = [self.cls_loss.predict_scores(x[img_idx]) for x in pred_logits]
+            deltas_per_image = [x[img_idx] for x in pred_anchor_deltas]
+            results.append(
+                self.inference_single_image(anchors, scores_per_image, deltas_per_image, image_size)
+            )
+        return results

@@ -1,0 +1,48 @@
+"""Running train_net.py from the tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tiny_coco, output_dir, *opts):
+    """train_net.py arguments training the demo model briefly on the tiny dataset."""
+    return [
+        "--config-file",
+        str(REPO / "configs" / "demo.yaml"),
+        "--register-coco",
+        "tiny_train",
+        *tiny_coco["train"],
+        "--register-coco",
+        "tiny_val",
+        *tiny_coco["val"],
+        "DATASETS.TRAIN",
+        "('tiny_train',)",
+        "DATASETS.TEST",
+        "('tiny_val',)",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.WARMUP_ITERS",
+        "5",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "OUTPUT_DIR",
+        str(output_dir),
+        *opts,
+    ]
+
+
+def run_train_net(*args, timeout=600, env=None):
+    """Run train_net.py in a subprocess; returns the CompletedProcess (stdout+stderr merged)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train_net.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""
+Train and evaluate FocalRetinaNet with Detectron2's trainer.
+
+    python train_net.py --config-file configs/retinanet_R50_FPN.yaml --num-gpus 8
+    python train_net.py --config-file configs/demo.yaml --eval-only MODEL.WEIGHTS model.pth
+"""
+
+import logging
+import os
+import sys
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+
+from focal_det2 import add_focal_config
+from focal_det2.data import register_coco_datasets
+from focal_det2.engine import FocalTrainer as Trainer
+
+logger = logging.getLogger("focal_det2")
+
+
+def setup(args):
+    """
+    Register the command line's datasets and build the frozen config; exit with a message
+    naming the file, dataset or key when one is bad.
+    """
+    try:
+        register_coco_datasets(args.register_coco)
+    except ValueError as e:
+        sys.exit(f"train_net.py: {e}")
+    if not args.config_file or not os.path.isfile(args.config_file):
+        sys.exit(f"train_net.py: config file not found: {args.config_file!r}")
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        sys.exit(f"train_net.py: invalid config ({args.config_file}, command line): {e}")
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    default_setup(cfg, args)
+    logger.info("Running on %s", cfg.MODEL.DEVICE)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME for DATASETS.TRAIN/TEST (repeatable)",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    setup(args)  # fail here, once, before any worker process starts
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
