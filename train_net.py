@@ -16,7 +16,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 
 from focal_det2 import add_focal_config
-from focal_det2.data import register_coco_datasets
+from focal_det2.data import DatasetValidationError, register_coco_datasets, validate_datasets
 from focal_det2.engine import FocalTrainer as Trainer
 
 logger = logging.getLogger("focal_det2")
@@ -24,8 +24,9 @@ logger = logging.getLogger("focal_det2")
 
 def setup(args):
     """
-    Register the command line's datasets and build the frozen config; exit with a message
-    naming the file, dataset or key when one is bad.
+    Register the command line's datasets, build the frozen config and validate the datasets it
+    uses (``DATASETS.INVALID_POLICY``); exit with a message naming the file, dataset or key
+    when one is bad.
     """
     try:
         register_coco_datasets(args.register_coco)
@@ -43,6 +44,12 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    # Before default_setup creates OUTPUT_DIR: with the "error" policy, a bad dataset leaves
+    # nothing behind.
+    try:
+        validate_datasets(cfg)
+    except DatasetValidationError as e:
+        sys.exit(f"train_net.py: {e}")
     return cfg
 
 
@@ -58,7 +65,10 @@ def main(args):
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    try:
+        return trainer.train()
+    except FloatingPointError as e:  # a non-finite loss, found before the optimizer step
+        sys.exit(f"train_net.py: training stopped, the last checkpoint is intact: {e}")
 
 
 def argument_parser():
@@ -76,7 +86,11 @@ def argument_parser():
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
-    setup(args)  # fail here, once, before any worker process starts
+    # Fail here, once, before any worker process starts. One process needs no such check:
+    # launch() runs main() in this process, and a second setup() in it would register the
+    # command line's datasets again over those that the "skip" policy re-registered.
+    if args.num_gpus * args.num_machines > 1:
+        setup(args)
     launch(
         main,
         args.num_gpus,

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Tuple
@@ -28,10 +27,11 @@ import torch
 from fvcore.nn import sigmoid_focal_loss, sigmoid_focal_loss_jit
 from torch._inductor.utils import fresh_cache
 from torch.nn import functional as F
-from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import sigmoid_focal_loss as torchvision_sigmoid_focal_loss
 
 from focal_det2.fused_focal_loss import DISABLE_COMPILE_ENV, sigmoid_focal_loss_with_labels
+
+from common import load, machine, peak_bytes, sync
 
 ALPHA, GAMMA = 0.25, 2.0
 DETECTRON2 = "Detectron2 (one-hot + fvcore jit)"
@@ -107,11 +107,6 @@ def methods() -> Dict[str, Callable]:
     }
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def step(
     fn: Callable, logits: torch.Tensor, labels: torch.Tensor, device: str
 ) -> Tuple[float, float]:
@@ -123,30 +118,6 @@ def step(
     loss.backward()
     sync(device)
     return time.perf_counter() - start, loss.item()
-
-
-def peak_memory(fn: Callable, logits: torch.Tensor, labels: torch.Tensor, device: str) -> int:
-    """Peak bytes allocated by one forward + backward above what was allocated before."""
-    logits.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(logits, labels).backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(logits, labels).backward()
-    events = [
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    live = peak = 0
-    for _, nbytes in sorted(events):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def copy_bandwidth(nbytes: int, device: str) -> float:
@@ -163,27 +134,16 @@ def copy_bandwidth(nbytes: int, device: str) -> float:
     return 2 * src.numel() * 4 / statistics.median(times)
 
 
-def machine(device: str) -> str:
-    cpu = platform.processor() or "unknown CPU"
+def fused_graph_count() -> str:
+    """How many graphs dynamo holds for the fused kernel (1: no size recompiled it)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    parts = [
-        f"CPU: {cpu} ({os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()})",
-        f"torch {torch.__version__}",
-        f"device: {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""),
-    ]
-    return "; ".join(parts)
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+        from focal_det2 import fused_focal_loss
 
-def load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+        return str(len(_debug_get_cache_entry_list(fused_focal_loss._kernel_rows_and_grad)))
+    except (ImportError, AttributeError, TypeError) as exc:
+        return f"n/a ({exc})"
 
 
 def bench_size(n: int, k: int, fns: Dict[str, Callable], args) -> List[dict]:
@@ -200,7 +160,8 @@ def bench_size(n: int, k: int, fns: Dict[str, Callable], args) -> List[dict]:
         for name in names[shift:] + names[:shift]:
             rows[name]["times"].append(step(fns[name], logits, labels, args.device)[0])
     for name, fn in fns.items():
-        rows[name]["peak"] = peak_memory(fn, logits, labels, args.device)
+        logits.grad = None
+        rows[name]["peak"] = peak_bytes(lambda: fn(logits, labels).backward(), args.device)
     reference = rows[DETECTRON2]
     elem = logits.element_size()
     # The least traffic of any implementation: read the logits and labels, write the gradient.
@@ -257,6 +218,7 @@ def main() -> None:
         f"{'warm' if args.warm_cache else 'fresh'}) plus one run."
     )
     print("- float32 logits; labels ~1% positives, ~1% ignored, the rest background.")
+    print(f"- graphs compiled for the fused kernel over all sizes: {fused_graph_count()}")
     print(f"- {MEMORY_NOTE[args.device]}")
     if args.device == "cuda":
         print(

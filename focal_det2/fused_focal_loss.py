@@ -2,7 +2,7 @@
 The sigmoid focal loss of :paper:`RetinaNet` taken from integer labels, fused with its gradient.
 
 Detectron2's RetinaNet builds a float one-hot target of the logits' size and runs
-``fvcore.nn.sigmoid_focal_loss_jit`` on it; autograd then keeps about ten (N, K) temporaries
+``fvcore.nn.sigmoid_focal_loss_jit`` on it; autograd then keeps about a dozen (N, K) tensors
 for the backward pass. :func:`sigmoid_focal_loss_with_labels` computes the same loss straight
 from the labels: one elementwise pass gives the loss and the closed-form gradient of Appendix B
 of the paper, only the gradient is kept for backward, and the target of element (i, k) is the
@@ -31,9 +31,12 @@ _REDUCTIONS = ("none", "mean", "sum")
 #: Environment variable that forces the eager implementation (e.g. for tests or debugging).
 DISABLE_COMPILE_ENV = "FOCAL_DET2_DISABLE_COMPILE"
 
-# Elements per chunk of the eager implementation: its ~20 temporaries of this size stay in
-# the L2 cache instead of costing ~20 full (N, K) tensors.
-_EAGER_CHUNK_ELEMENTS = 1 << 16
+# Elements per chunk of the eager implementation, by device type: its ~20 live temporaries
+# are of this size instead of (N, K), while chunks stay few, as each elementwise op of a chunk
+# pays a parallel region on a CPU (costly when the cores are oversubscribed) or a launch on a
+# GPU.
+_EAGER_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+_EAGER_CHUNK_ELEMENTS_DEFAULT = 1 << 22
 
 
 def _focal_terms(
@@ -159,7 +162,8 @@ def _run_eager(
     acc_dtype = torch.promote_types(logits.dtype, torch.float32)
     loss = logits.new_empty((n,) if rows else (n, k), dtype=acc_dtype)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else None
-    step = max(1, _EAGER_CHUNK_ELEMENTS // max(k, 1))
+    chunk = _EAGER_CHUNK_ELEMENTS.get(logits.device.type, _EAGER_CHUNK_ELEMENTS_DEFAULT)
+    step = max(1, chunk // max(k, 1))
     for start in range(0, n, step):
         stop = min(start + step, n)
         chunk_loss, chunk_grad = _focal_terms(
@@ -193,7 +197,9 @@ def _run(
         try:
             kernel = _compiled_kernel(rows, with_grad)
             return kernel(logits, labels, alpha_pos, alpha_neg, gamma)
-        except Exception as exc:  # noqa: B902 -- compiler and toolchain errors have many types
+        except torch.OutOfMemoryError:
+            raise  # not the compiler's fault: the eager implementation would not fit either
+        except Exception as exc:  # compiler and toolchain failures come in many types
             _COMPILE_FAILED.add(logits.device.type)
             logger.warning(
                 "torch.compile of the fused focal loss failed on %s (%s: %s); using the eager "
@@ -205,14 +211,18 @@ def _run(
     return _run_eager(logits, labels, alpha_pos, alpha_neg, gamma, rows, with_grad)
 
 
+def _mean_denominator(labels: Tensor, num_classes: int) -> Tensor:
+    # fvcore's mean is over the (valid rows, K) one-hot targets; a tensor, so no device sync.
+    return (labels >= 0).sum() * num_classes
+
+
 def _reduce(loss: Tensor, labels: Tensor, num_classes: int, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
     total = loss.sum()
     if reduction == "sum":
         return total
-    # fvcore's mean over the rows kept by the valid mask (NaN when none is, as fvcore's).
-    return total / ((labels >= 0).sum() * num_classes)
+    return total / _mean_denominator(labels, num_classes)  # NaN without valid rows, as fvcore
 
 
 class _SigmoidFocalLossWithLabels(torch.autograd.Function):
@@ -222,8 +232,7 @@ class _SigmoidFocalLossWithLabels(torch.autograd.Function):
             logits.detach(), labels, alpha, gamma, reduction != "none", with_grad=True
         )
         if reduction == "mean":
-            denom = (labels >= 0).sum() * logits.shape[1]
-            ctx.save_for_backward(grad, denom.clamp_min(1))
+            ctx.save_for_backward(grad, _mean_denominator(labels, logits.shape[1]).clamp_min(1))
         else:
             ctx.save_for_backward(grad)
         ctx.reduction = reduction
@@ -236,9 +245,10 @@ class _SigmoidFocalLossWithLabels(torch.autograd.Function):
         if ctx.reduction == "mean":
             # Clamped: with no valid row every saved gradient is 0, and so is the result.
             grad_output = grad_output / denom[0]
-        if _graph_is_freed_after_backward():
+        if not torch.compiler.is_compiling() and _graph_is_freed_after_backward():
             # The saved gradient is never read again: scale it in place, which spares an (N, K)
-            # allocation (and lets AccumulateGrad take it as .grad without a copy).
+            # allocation (and lets AccumulateGrad take it as .grad without a copy). A compiler
+            # tracing this backward plans its buffers itself.
             return grad.mul_(grad_output), None, None, None, None
         return (grad_output * grad).to(grad.dtype), None, None, None, None
 

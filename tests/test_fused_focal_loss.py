@@ -170,7 +170,7 @@ def test_eager_chunks(monkeypatch):
     # Many chunks, the last one partial, give the same result as a single one.
     logits, labels = _batch(103, 5, torch.float32, seed=5)
     whole = _value_and_grad(sigmoid_focal_loss_with_labels, logits, labels, 0.25, 2.0, "none")
-    monkeypatch.setattr(fused_focal_loss, "_EAGER_CHUNK_ELEMENTS", 5 * 10)
+    monkeypatch.setattr(fused_focal_loss, "_EAGER_CHUNK_ELEMENTS", {"cpu": 5 * 10})
     chunked = _value_and_grad(sigmoid_focal_loss_with_labels, logits, labels, 0.25, 2.0, "none")
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
 
@@ -185,6 +185,22 @@ def test_grad_output_scales_and_graph_can_be_retained():
     torch.testing.assert_close(x.grad, first * 4 / 3)
     with torch.no_grad():
         torch.testing.assert_close(sigmoid_focal_loss_with_labels(x, labels), loss.detach())
+
+
+def test_saves_only_the_gradient():
+    logits, labels = _batch(300, 7, torch.float32, seed=12)
+    x = logits.clone().requires_grad_()
+    for reduction in ("sum", "none"):
+        saved = sigmoid_focal_loss_with_labels(x, labels, reduction=reduction).grad_fn.saved_tensors
+        assert [(t.shape, t.dtype) for t in saved] == [(x.shape, x.dtype)]
+
+
+def test_labels_above_num_classes_are_background():
+    logits, labels = _batch(300, 7, torch.float32, seed=13)
+    above = torch.where(labels == 7, 7 + torch.arange(300) % 3, labels)
+    expected = _value_and_grad(sigmoid_focal_loss_with_labels, logits, labels, 0.25, 2.0, "none")
+    actual = _value_and_grad(sigmoid_focal_loss_with_labels, logits, above, 0.25, 2.0, "none")
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])

@@ -161,9 +161,7 @@ class FocalRetinaNet(RetinaNet):
         num_pos_anchors = pos_mask.sum().item()
         storage = get_event_storage()
         storage.put_scalar("num_pos_anchors", num_pos_anchors / num_images)
-        normalizer = self._ema_update(
-            "loss_normalizer", max(self._num_pos_per_worker(num_pos_anchors), 1), 100
-        )
+        normalizer = self._loss_normalizer(num_pos_anchors)
 
         logits = cat(pred_logits, dim=1)
         anchor_boxes = Boxes.cat(anchors).tensor
@@ -183,17 +181,20 @@ class FocalRetinaNet(RetinaNet):
             storage.put_scalars(**self.imbalance_diagnostics(logits.detach(), gt_labels))
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
 
-    def _num_pos_per_worker(self, num_pos_anchors: int) -> float:
+    def _loss_normalizer(self, num_pos_anchors: int) -> float:
         """
-        Number of positives that makes the losses averaged by DDP equal the batch's summed loss
-        divided by its total number of positives, as in the paper's synchronous 8-GPU SGD.
+        The divisor of this process's summed losses: Detectron2's EMA of the number of positive
+        anchors. Across workers, the EMA runs on the positives of the whole batch and is
+        divided by the number of processes, so that DDP's gradient average equals the gradient
+        of the whole batch's summed loss divided by its positives, as in one process (the
+        paper's synchronous 8-GPU SGD).
         """
         world_size = comm.get_world_size()
         if not self.num_pos_across_workers or world_size == 1:
-            return num_pos_anchors
-        total = torch.tensor([num_pos_anchors], dtype=torch.float64)
+            return self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
+        total = torch.tensor([num_pos_anchors], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
-        return total.item() / world_size
+        return self._ema_update("loss_normalizer", max(total.item(), 1), 100) / world_size
 
     @torch.no_grad()
     def imbalance_diagnostics(self, logits: Tensor, gt_labels: Tensor) -> Dict[str, float]:
