@@ -4,9 +4,8 @@ crash-safe checkpoints."""
 import contextlib
 import functools
 import os
-import tempfile
 import weakref
-from typing import IO, Any, Callable, Dict
+from typing import Any, Dict
 from unittest import mock
 
 import torch
@@ -16,23 +15,9 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from torch.nn.parallel import DistributedDataParallel
 
+from .file_io import atomic_write
+
 __all__ = ["AtomicCheckpointer", "FocalTrainer"]
-
-
-def _atomic_write(path: str, write: Callable[[IO], Any], mode: str) -> None:
-    """Write ``path`` through a temporary file in its folder renamed into place: a reader (or a
-    crash at any moment) sees the old file or the complete new one, never a partial one."""
-    folder, name = os.path.split(path)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -52,11 +37,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        _atomic_write(save_file, functools.partial(torch.save, data), "wb")
+        atomic_write(save_file, functools.partial(torch.save, data), "wb")
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        _atomic_write(
+        atomic_write(
             os.path.join(self.save_dir, "last_checkpoint"),
             lambda f: f.write(last_filename_basename),
             "w",

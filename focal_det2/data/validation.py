@@ -8,11 +8,11 @@ dropped). :func:`validate_datasets` checks every COCO dataset of ``DATASETS.TRAI
 report of all problems, "skip" trains on a cleaned copy of the json.
 """
 
+import functools
 import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
+from ..file_io import atomic_write
 from .demo import DATASET_NAMES as DEMO_DATASET_NAMES
 from .demo import ensure_demo_data
 
@@ -366,7 +367,8 @@ def validate_datasets(cfg: CfgNode, *, num_threads: int | None = None) -> list[D
         )
     for name, dataset, report in cleaned:
         json_file = os.path.join(cfg.OUTPUT_DIR, CLEANED_DIR, f"{name.replace(os.sep, '_')}.json")
-        _write_json_atomically(dataset, json_file)
+        os.makedirs(os.path.dirname(json_file), exist_ok=True)
+        atomic_write(json_file, functools.partial(json.dump, dataset), "w")
         _register_again(name, json_file, report.image_root)
         for line in report.summary():
             logger.warning(line)
@@ -641,21 +643,6 @@ def _coco_files(name: str) -> tuple[str, str] | None:
             data_dir = ensure_demo_data()
             return str(data_dir / f"{split}.json"), str(data_dir / split)
     return str(metadata.json_file), str(metadata.get("image_root", ""))
-
-
-def _write_json_atomically(dataset: dict, path: str) -> None:
-    """Write to a temporary file then rename it: readers see the old file or the new one,
-    and processes writing the same content at once cannot interleave."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(dataset, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _register_again(name: str, json_file: str, image_root: str) -> None:
