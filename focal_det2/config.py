@@ -35,6 +35,10 @@ def add_focal_config(cfg: CN) -> None:
     _C.MODEL.FOCAL_RETINANET.NUM_POS_ACROSS_WORKERS = True
     # Write class-imbalance diagnostics to the EventStorage every this many iterations; 0 = off.
     _C.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD = 20
+    # Keep the 4-d parameters (all convs, backbone included) in channels-last memory format, so
+    # that every feature map is NHWC: faster convolutions (oneDNN on CPU, cuDNN tensor cores) and
+    # free reshapes of the head's outputs to (N, Hi*Wi*A, K). Same values either way.
+    _C.MODEL.FOCAL_RETINANET.CHANNELS_LAST = True
 
     # What to do with invalid records of the COCO-format datasets in use: "error" stops before
     # training with one report of all problems, "skip" drops them and trains on the rest.

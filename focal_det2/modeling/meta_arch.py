@@ -78,6 +78,7 @@ class FocalRetinaNet(RetinaNet):
         cls_loss: ClassificationLoss,
         num_pos_across_workers: bool = True,
         diagnostics_period: int = 20,
+        channels_last: bool = True,
         **kwargs,
     ):
         """
@@ -85,12 +86,16 @@ class FocalRetinaNet(RetinaNet):
             cls_loss: the classification loss; it also turns logits into scores at inference.
             num_pos_across_workers: normalise by the number of positive anchors of all processes.
             diagnostics_period: write imbalance diagnostics every this many iterations; 0 = off.
+            channels_last: convert the 4-d parameters to channels-last memory format.
             kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
         """
         super().__init__(**kwargs)
         self.cls_loss = cls_loss
         self.num_pos_across_workers = num_pos_across_workers
         self.diagnostics_period = diagnostics_period
+        if channels_last:
+            # Module.to keeps the format of existing tensors (device moves, load_state_dict).
+            self.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -119,6 +124,7 @@ class FocalRetinaNet(RetinaNet):
             "box_reg_loss_type": retinanet.BBOX_REG_LOSS_TYPE,
             "num_pos_across_workers": cfg.MODEL.FOCAL_RETINANET.NUM_POS_ACROSS_WORKERS,
             "diagnostics_period": cfg.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD,
+            "channels_last": cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST,
             # Inference parameters:
             "test_score_thresh": retinanet.SCORE_THRESH_TEST,
             "test_topk_candidates": retinanet.TOPK_CANDIDATES_TEST,
@@ -168,12 +174,15 @@ class FocalRetinaNet(RetinaNet):
         loss_cls = self.cls_loss(logits, gt_labels, anchor_boxes)
         if self.cls_loss.normalize_by_num_foreground:
             loss_cls = loss_cls / normalizer
+        # Detectron2's regression loss, given the foreground anchors only: it would otherwise
+        # compute targets (and for the IoU losses, decoded boxes) for all N x R anchors.
+        _, fg_anchor_index = pos_mask.nonzero(as_tuple=True)
         loss_box_reg = _dense_box_regression_loss(
-            [anchor_boxes],
+            [anchor_boxes[fg_anchor_index]],
             self.box2box_transform,
-            pred_anchor_deltas,
-            gt_boxes,
-            pos_mask,
+            [cat(pred_anchor_deltas, dim=1)[pos_mask][None]],
+            [torch.stack(gt_boxes)[pos_mask]],
+            torch.ones_like(fg_anchor_index, dtype=torch.bool)[None],
             box_reg_loss_type=self.box_reg_loss_type,
             smooth_l1_beta=self.smooth_l1_beta,
         )
