@@ -134,6 +134,30 @@ def test_prior_probability_sets_classifier_bias(prior, bias):
     torch.testing.assert_close(model.head.cls_score.bias, torch.full((90,), bias))
 
 
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+@pytest.mark.parametrize("prior", [0.01, 0.2])
+def test_initial_scores_are_the_prior_for_every_loss(loss_name, prior):
+    # At init the classifier's input contributes ~0 (weights N(0, 0.01)): the scores are those of
+    # the bias. Sigmoid losses: each class pi; softmax: foreground pi in all, pi / K per class.
+    torch.manual_seed(0)
+    model = build_model(
+        demo_cfg(
+            "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", loss_name, "MODEL.RETINANET.PRIOR_PROB", prior
+        )
+    )
+    bias = model.head.cls_score.bias.detach().view(9, model.num_logits)
+    scores = model.cls_loss.predict_scores(bias.double())
+    per_class = prior / 10 if loss_name == "SoftmaxFocalLoss" else prior
+    torch.testing.assert_close(scores, torch.full((9, 10), per_class, dtype=torch.float64))
+    model.eval()
+    with torch.no_grad():
+        features = [torch.randn(1, 64, 2**i, 2**i) for i in range(5, 0, -1)]
+        logits = model.head(features)[0][0]  # (1, A * L, 32, 32), P3
+    per_anchor_logits = logits.view(9, model.num_logits, -1).transpose(1, 2)
+    mean_score = model.cls_loss.predict_scores(per_anchor_logits).mean().item()
+    assert abs(mean_score - per_class) < 0.15 * per_class
+
+
 def test_softmax_loss_has_a_background_logit_and_gn_head_has_group_norm():
     model = build_model(demo_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SoftmaxFocalLoss"))
     assert model.head.cls_score.out_channels == 9 * 11

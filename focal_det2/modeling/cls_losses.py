@@ -1,5 +1,6 @@
 """Classification losses of RetinaNet, selectable by ``MODEL.FOCAL_RETINANET.CLS_LOSS_NAME``."""
 
+import math
 from typing import Optional
 
 import torch
@@ -54,6 +55,16 @@ class ClassificationLoss(nn.Module):
             (..., K) per-class probabilities.
         """
         return logits.sigmoid()
+
+    def initial_logit_bias(self, num_classes: int, prior_prob: float) -> Tensor:
+        """
+        The classifier bias (L,) of the paper's initialisation (Section 3.3): at the start of
+        training every anchor is foreground with probability ``prior_prob``, so that the many
+        background anchors do not swamp the first iterations. For one sigmoid per class, each
+        class's probability is ``prior_prob``: the bias -log((1 - pi) / pi).
+        """
+        bias = -math.log((1 - prior_prob) / prior_prob)
+        return torch.full((self.num_logits(num_classes),), bias)
 
     def per_anchor_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """
@@ -159,6 +170,10 @@ class FocalStarLoss(ClassificationLoss):
         # The model's probability of a positive is p* for y = 1.
         return torch.sigmoid(self.gamma * logits + self.beta)
 
+    def initial_logit_bias(self, num_classes: int, prior_prob: float) -> Tensor:
+        # p* = sigmoid(gamma x + beta) = pi.
+        return (super().initial_logit_bias(num_classes, prior_prob) - self.beta) / self.gamma
+
     def per_anchor_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         targets = F.one_hot(labels, logits.shape[1] + 1)[:, :-1].to(logits.dtype)
         return focal_star_loss(logits, targets, self.gamma, self.beta, alpha=self.alpha).sum(1)
@@ -190,6 +205,12 @@ class SoftmaxFocalLoss(ClassificationLoss):
 
     def predict_scores(self, logits: Tensor) -> Tensor:
         return logits.softmax(dim=-1)[..., :-1]
+
+    def initial_logit_bias(self, num_classes: int, prior_prob: float) -> Tensor:
+        # Background 1 - pi, each class pi / K; with K = 1 this is the sigmoid initialisation.
+        bias = torch.zeros(num_classes + 1)
+        bias[-1] = math.log((1 - prior_prob) * num_classes / prior_prob)
+        return bias
 
     def per_anchor_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return softmax_focal_loss(logits, labels, self.gamma, self.alpha)

@@ -1,14 +1,15 @@
 """RetinaNet heads, selectable by ``MODEL.FOCAL_RETINANET.HEAD_NAME``."""
 
-from typing import List
+from typing import List, Optional
 
+import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.registry import Registry
-from torch import nn
+from torch import Tensor, nn
 
-from .cls_losses import FOCAL_CLS_LOSS_REGISTRY
+from .cls_losses import build_cls_loss
 
 FOCAL_HEAD_REGISTRY = Registry("FOCAL_HEAD")
 FOCAL_HEAD_REGISTRY.__doc__ = """
@@ -31,14 +32,31 @@ class FocalRetinaNetHead(RetinaNetHead):
     The paper's head: a classification and a box subnet of ``MODEL.RETINANET.NUM_CONVS`` 3x3
     convs each, shared across levels. It is Detectron2's ``RetinaNetHead`` (same parameters, same
     state-dict keys, ``MODEL.RETINANET.NORM`` honoured), with one logit per anchor and class
-    plus a background logit when the classification loss needs one (softmax).
+    plus a background logit when the classification loss needs one (softmax), and the
+    classifier bias of ``MODEL.RETINANET.PRIOR_PROB`` as that loss turns logits into scores.
     """
+
+    @configurable
+    def __init__(self, *, cls_logit_bias: Optional[Tensor] = None, **kwargs):
+        """
+        Args:
+            cls_logit_bias: (L,) initial bias of the L logits of each anchor; None keeps
+                Detectron2's constant -log((1 - prior_prob) / prior_prob).
+            kwargs: the arguments of Detectron2's :class:`RetinaNetHead`.
+        """
+        super().__init__(**kwargs)
+        if cls_logit_bias is not None:
+            num_anchors = self.cls_score.out_channels // len(cls_logit_bias)
+            with torch.no_grad():
+                self.cls_score.bias.copy_(cls_logit_bias.repeat(num_anchors))
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
         ret = super().from_config(cfg, input_shape)
-        loss_cls = FOCAL_CLS_LOSS_REGISTRY.get(cfg.MODEL.FOCAL_RETINANET.CLS_LOSS_NAME)
-        ret["num_classes"] = loss_cls.num_logits(cfg.MODEL.RETINANET.NUM_CLASSES)
+        cls_loss = build_cls_loss(cfg)
+        num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+        ret["num_classes"] = cls_loss.num_logits(num_classes)
+        ret["cls_logit_bias"] = cls_loss.initial_logit_bias(num_classes, ret["prior_prob"])
         return ret
 
 
