@@ -208,7 +208,7 @@ class SoftmaxFocalLoss(ClassificationLoss):
 
     def initial_logit_bias(self, num_classes: int, prior_prob: float) -> Tensor:
         # Background 1 - pi, each class pi / K; with K = 1 this is the sigmoid initialisation.
-        bias = torch.zeros(num_classes + 1)
+        bias = torch.zeros(self.num_logits(num_classes))
         bias[-1] = math.log((1 - prior_prob) * num_classes / prior_prob)
         return bias
 
