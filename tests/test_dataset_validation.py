@@ -20,7 +20,7 @@ from focal_det2.data import (
     validate_coco_dataset,
     validate_datasets,
 )
-from focal_det2.data.validation import MAX_EXAMPLES
+from focal_det2.data.coco_checks import MAX_EXAMPLES
 
 from helpers import REPO, run_train_net, tiny_args
 

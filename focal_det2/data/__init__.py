@@ -1,26 +1,29 @@
-"""Datasets of focal_det2: the embedded demo dataset, registered in Detectron2's catalogs, and
-the validation of the COCO-format datasets a config uses."""
+"""Datasets of focal_det2: the embedded demo dataset and COCO-format datasets named on the
+command line, registered in Detectron2's catalogs; the checks of a COCO-format dataset; and the
+validation of the datasets a config uses."""
 
-from .demo import ensure_demo_data, generate_demo_data, register_demo_datasets
-from .user_coco import register_coco_datasets
-from .validation import (
+from .coco_checks import (
     DatasetReport,
-    DatasetValidationError,
     Problem,
     check_coco_dataset,
     cleaned_coco_dict,
+    read_and_check_coco_dataset,
     validate_coco_dataset,
-    validate_datasets,
 )
+from .demo import ensure_demo_data, generate_demo_data, register_demo_datasets
+from .user_coco import register_coco_datasets
+from .validation import PREPARE_FILES_KEY, DatasetValidationError, validate_datasets
 
 __all__ = [
     "DatasetReport",
     "DatasetValidationError",
+    "PREPARE_FILES_KEY",
     "Problem",
     "check_coco_dataset",
     "cleaned_coco_dict",
     "ensure_demo_data",
     "generate_demo_data",
+    "read_and_check_coco_dataset",
     "register_coco_datasets",
     "register_demo_datasets",
     "validate_coco_dataset",
