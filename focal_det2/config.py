@@ -43,3 +43,7 @@ def add_focal_config(cfg: CN) -> None:
     # What to do with invalid records of the COCO-format datasets in use: "error" stops before
     # training with one report of all problems, "skip" drops them and trains on the rest.
     _C.DATASETS.INVALID_POLICY = "error"
+
+    # COCOeval implementation of the COCO evaluation: "faster_coco_eval" (compiled, needs no
+    # Detectron2 _C) or "pycocotools" (the official Python code); both give the same numbers.
+    _C.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
