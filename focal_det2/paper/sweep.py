@@ -292,18 +292,23 @@ def plot_sweep(output_dir: Path, runs: List[Tuple[str, dict]]) -> None:
     labels = ["\n".join(f"{short[k]}={v}" for k, v in results["overrides"]) for _, results in runs]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(runs) + 2), 4.5))
     width = 0.27
+    top = 1.0
     for i, metric in enumerate(("AP", "AP50", "AP75")):
         heights = [results.get("bbox", {}).get(metric, math.nan) for _, results in runs]
         ax.bar([x + (i - 1) * width for x in range(len(runs))], heights, width, label=metric)
+        top = max([top] + [h for h in heights if math.isfinite(h)])
     for x, (name, results) in enumerate(runs):
         note = _note(name, results).split(",")[0]
         if note:
-            ax.text(x, 0.5, note, rotation=90, ha="center", va="bottom", fontsize=8)
+            # x in data, y in axes coordinates: the note stands at the bottom of any scale.
+            ax.text(x, 0.03, note, rotation=90, ha="center", va="bottom", fontsize=8,
+                    transform=ax.get_xaxis_transform())  # fmt: skip
     ax.set_xticks(range(len(runs)))
     ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylim(0, 1.3 * top)
     ax.set_ylabel("COCO box AP")
     ax.set_title(f"sweep: {output_dir.name}")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=3)
     ax.grid(axis="y", alpha=0.3)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
