@@ -3,7 +3,7 @@ Benchmark of RetinaNet's classification loss, forward + backward, side by side i
 
     .venv/bin/python benchmarks/bench_focal_loss.py [--device cpu|cuda] [--sizes 60000x80 ...]
 
-Compares ``focal_det2.fused_focal_loss.sigmoid_focal_loss_with_labels`` (compiled, and its
+Compares ``focal_det2.modeling.losses.sigmoid_focal_loss_with_labels`` (compiled, and its
 eager fallback) with Detectron2's path (valid mask, one-hot targets, fvcore's
 ``sigmoid_focal_loss_jit``), fvcore's eager function, ``torchvision.ops.sigmoid_focal_loss``
 and ``torch.compile`` of fvcore's function, the last three on the same one-hot targets. Every
@@ -29,7 +29,8 @@ from torch._inductor.utils import fresh_cache
 from torch.nn import functional as F
 from torchvision.ops import sigmoid_focal_loss as torchvision_sigmoid_focal_loss
 
-from focal_det2.fused_focal_loss import DISABLE_COMPILE_ENV, sigmoid_focal_loss_with_labels
+from focal_det2.modeling._fused_focal_loss import DISABLE_COMPILE_ENV
+from focal_det2.modeling.losses import sigmoid_focal_loss_with_labels
 
 from common import load, machine, peak_bytes, sync
 
@@ -139,7 +140,7 @@ def fused_graph_count() -> str:
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        from focal_det2 import fused_focal_loss
+        from focal_det2.modeling import _fused_focal_loss as fused_focal_loss
 
         return str(len(_debug_get_cache_entry_list(fused_focal_loss._kernel_rows_and_grad)))
     except (ImportError, AttributeError, TypeError) as exc:

@@ -6,46 +6,49 @@ import functools
 import os
 import weakref
 from typing import Any, Dict
-from unittest import mock
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import DefaultTrainer, create_ddp_model
+from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
-from detectron2.evaluation import COCOEvaluator
 from torch.nn.parallel import DistributedDataParallel
 
-from .file_io import atomic_write
+from .evaluation import FocalCOCOEvaluator, check_coco_eval_backend
+from .file_io import atomic_open
+from .report import TrainingReportHook
 
 __all__ = ["AtomicCheckpointer", "FocalTrainer"]
 
 
+class _AtomicWrites:
+    """
+    A path manager whose file writes are atomic (:func:`~focal_det2.file_io.atomic_open`); every
+    other call goes to the wrapped one.
+    """
+
+    def __init__(self, path_manager: Any):
+        self._path_manager = path_manager
+
+    def open(self, path: str, mode: str = "r", **kwargs: Any):
+        if mode in ("w", "wb"):
+            return atomic_open(path, mode)
+        return self._path_manager.open(path, mode, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._path_manager, name)
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """
-    ``DetectionCheckpointer`` whose checkpoints are complete or absent: each ``.pth`` is written
-    to a temporary file and renamed into place, and ``last_checkpoint`` names it only after
-    that, so a process killed at any moment leaves every ``.pth`` loadable. Writes to the local
-    file system.
+    ``DetectionCheckpointer`` whose checkpoints are complete or absent: fvcore's ``save`` writes
+    each ``.pth``, then ``last_checkpoint``, through a path manager that writes to a temporary
+    file and renames it into place, so a process killed at any moment leaves every ``.pth``
+    loadable and ``last_checkpoint`` naming a complete one. Writes to the local file system.
     """
 
-    def save(self, name: str, **kwargs: Any) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info(f"Saving checkpoint to {save_file}")
-        atomic_write(save_file, functools.partial(torch.save, data), "wb")
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        atomic_write(
-            os.path.join(self.save_dir, "last_checkpoint"),
-            lambda f: f.write(last_filename_basename),
-            "w",
-        )
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", **kwargs: Any):
+        super().__init__(model, save_dir, **kwargs)
+        self.path_manager = _AtomicWrites(self.path_manager)
 
 
 class _LossNormalizerState:
@@ -72,15 +75,21 @@ class _LossNormalizerState:
 @contextlib.contextmanager
 def _ddp_for_device(device: str):
     """
-    Detectron2's trainer wraps the model in DDP with ``device_ids=[local_rank]``, which PyTorch
-    refuses for a CPU model; on CPU the wrap must pass ``device_ids=None``.
+    Detectron2's ``DefaultTrainer.__init__`` wraps the model with ``create_ddp_model(model,
+    broadcast_buffers=False)``, whose default ``device_ids=[local_rank]`` PyTorch refuses for a
+    CPU model, and offers no hook for that call. For a CPU model, the function's name in
+    Detectron2's module is bound to one passing ``device_ids=None`` while the trainer is built,
+    and restored after.
     """
     if device.startswith("cuda"):
         yield
         return
-    cpu_ddp = functools.partial(create_ddp_model, device_ids=None)
-    with mock.patch.object(d2_defaults, "create_ddp_model", cpu_ddp):
+    original = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    try:
         yield
+    finally:
+        d2_defaults.create_ddp_model = original
 
 
 class FocalTrainer(DefaultTrainer):
@@ -102,10 +111,18 @@ class FocalTrainer(DefaultTrainer):
             model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.checkpointer.add_checkpointable(_LossNormalizerState.name, _LossNormalizerState(model))
-        return super().build_hooks()
+        # Checked here, not at the first evaluation: a wrong name must not cost a training run.
+        check_coco_eval_backend(self.cfg.TEST.COCO_EVAL_BACKEND)
+        # Last: the report draws what the hooks before it recorded (evaluation, metrics.json).
+        return super().build_hooks() + [TrainingReportHook(self.cfg)]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO box AP with pycocotools (Detectron2's fast evaluator needs its ``_C``)."""
+        """COCO box AP, with the COCOeval implementation of ``TEST.COCO_EVAL_BACKEND``."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+        return FocalCOCOEvaluator(
+            dataset_name,
+            backend=cfg.TEST.COCO_EVAL_BACKEND,
+            output_dir=output_folder,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        )

@@ -1,6 +1,7 @@
 """
-Tests of focal_det2.losses against the paper (Lin et al., ICCV 2017: eq. 5, Appendix A and B),
-transcribed directly in float64, and against fvcore / PyTorch where they are the reference.
+Tests of focal_det2.modeling.losses against the paper (Lin et al., ICCV 2017: eq. 5, Appendix
+A and B), transcribed directly in float64, and against fvcore / PyTorch where they are the
+reference.
 """
 
 import itertools
@@ -13,7 +14,8 @@ from fvcore.nn import sigmoid_focal_loss_star as fvcore_sigmoid_focal_loss_star
 from torch.nn import functional as F
 from torchvision.ops import box_iou
 
-from focal_det2.losses import focal_star_loss, ohem_select, sigmoid_focal_loss, softmax_focal_loss
+from focal_det2.modeling.losses import focal_star_loss, sigmoid_focal_loss, softmax_focal_loss
+from focal_det2.modeling.sampling import ohem_select
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 EXTREME_LOGITS = (30.0, 100.0, 500.0)
@@ -67,7 +69,7 @@ def paper_softmax_focal_loss(logits, labels, alpha, gamma):
     p_t = e.gather(1, labels[:, None]).squeeze(1) / e.sum(dim=1)
     one_minus_p_t = (e.sum(dim=1) - e.gather(1, labels[:, None]).squeeze(1)) / e.sum(dim=1)
     background = logits.shape[1] - 1
-    alpha_t = 1.0 if alpha is None else torch.where(labels == background, 1 - alpha, alpha)
+    alpha_t = 1.0 if alpha < 0 else torch.where(labels == background, 1 - alpha, alpha)
     return -alpha_t * one_minus_p_t**gamma * torch.log(p_t)
 
 
@@ -229,15 +231,15 @@ def test_focal_star_loss_matches_appendix_a(gamma, beta, alpha):
     x, t = _logits_and_targets(extreme=(30.0, 100.0))
     expected = paper_focal_star_loss(x, t, alpha, gamma, beta)
     assert torch.isfinite(expected).all()
-    torch.testing.assert_close(focal_star_loss(x, t, gamma, beta, alpha=alpha), expected)
-    actual32 = focal_star_loss(x.float(), t.float(), gamma, beta, alpha=alpha)
+    torch.testing.assert_close(focal_star_loss(x, t, alpha, gamma, beta), expected)
+    actual32 = focal_star_loss(x.float(), t.float(), alpha, gamma, beta)
     torch.testing.assert_close(actual32.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("gamma, beta", [(2.0, 1.0), (4.0, 0.0), (1.0, -1.0)])
 def test_focal_star_loss_gradient_matches_appendix_b(gamma, beta):
     x, t = _logits_and_targets(extreme=(30.0, 100.0))
-    _, grad = _grad(focal_star_loss, x, t, gamma, beta)
+    _, grad = _grad(focal_star_loss, x, t, -1.0, gamma, beta)
     torch.testing.assert_close(grad, dfl_star_dx(x, 2 * t - 1, gamma, beta))
 
 
@@ -246,7 +248,7 @@ def test_focal_star_loss_gradient_matches_appendix_b(gamma, beta):
 def test_focal_star_loss_beta0_equals_fvcore_star(gamma, alpha):
     x, t = _logits_and_targets(extreme=(30.0, 100.0))
     x, t = x.float(), t.float()
-    loss, grad = _grad(focal_star_loss, x, t, gamma, 0.0, alpha=alpha)
+    loss, grad = _grad(focal_star_loss, x, t, alpha, gamma, 0.0)
     fv_loss, fv_grad = _grad(fvcore_sigmoid_focal_loss_star, x, t, alpha, gamma)
     torch.testing.assert_close(loss, fv_loss)
     torch.testing.assert_close(grad, fv_grad)
@@ -256,7 +258,7 @@ def test_focal_star_loss_gamma1_beta0_is_cross_entropy():
     # Appendix A: FL* with gamma = 1, beta = 0 is CE.
     x, t = _logits_and_targets()
     torch.testing.assert_close(
-        focal_star_loss(x, t, gamma=1.0, beta=0.0),
+        focal_star_loss(x, t, alpha=-1, gamma=1.0, beta=0.0),
         F.binary_cross_entropy_with_logits(x, t, reduction="none"),
     )
 
@@ -267,7 +269,7 @@ def test_focal_star_loss_stable_for_extreme_logits(dtype):
     x = torch.cat([big, -big, big, -big])
     t = torch.tensor([1, 1, 0, 0, 0, 0, 1, 1], dtype=dtype)
     for gamma, beta in ((2.0, 1.0), (4.0, 0.0)):
-        loss, grad = _grad(focal_star_loss, x, t, gamma, beta, alpha=0.25)
+        loss, grad = _grad(focal_star_loss, x, t, 0.25, gamma, beta)
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
@@ -295,38 +297,38 @@ def _softmax_inputs(n: int = 400, num_classes: int = 5, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
-@pytest.mark.parametrize("alpha", [None, 0.25, 0.75])
+@pytest.mark.parametrize("alpha", [-1.0, 0.25, 0.75])
 def test_softmax_focal_loss_matches_paper_formula(gamma, alpha):
     logits, labels = _softmax_inputs()
     expected = paper_softmax_focal_loss(logits, labels, alpha, gamma)
     assert torch.isfinite(expected).all()
-    torch.testing.assert_close(softmax_focal_loss(logits, labels, gamma, alpha), expected)
-    actual32 = softmax_focal_loss(logits.float(), labels, gamma, alpha)
+    torch.testing.assert_close(softmax_focal_loss(logits, labels, alpha, gamma), expected)
+    actual32 = softmax_focal_loss(logits.float(), labels, alpha, gamma)
     assert actual32.dtype == torch.float32
     torch.testing.assert_close(actual32.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_softmax_focal_loss_gamma0_is_cross_entropy():
     logits, labels = _softmax_inputs(dtype=torch.float32)
-    loss, grad = _grad(softmax_focal_loss, logits, labels, gamma=0.0)
+    loss, grad = _grad(softmax_focal_loss, logits, labels, alpha=-1, gamma=0.0)
     ce_loss, ce_grad = _grad(F.cross_entropy, logits, labels, reduction="none")
     torch.testing.assert_close(loss, ce_loss)
     torch.testing.assert_close(grad, ce_grad)
     torch.testing.assert_close(
-        softmax_focal_loss(logits, labels, gamma=0.0, reduction="mean"),
+        softmax_focal_loss(logits, labels, alpha=-1, gamma=0.0, reduction="mean"),
         F.cross_entropy(logits, labels),
     )
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
-@pytest.mark.parametrize("alpha", [None, 0.25])
+@pytest.mark.parametrize("alpha", [-1.0, 0.25])
 def test_softmax_focal_loss_with_two_logits_is_sigmoid_focal_loss(gamma, alpha):
     # One class plus background: softmax over (a, b) is a sigmoid of a - b, label 0 a positive.
     logits, labels = _softmax_inputs(num_classes=1)
-    loss, grad = _grad(softmax_focal_loss, logits, labels, gamma, alpha)
+    loss, grad = _grad(softmax_focal_loss, logits, labels, alpha, gamma)
     margin = (logits[:, 0] - logits[:, 1]).detach().requires_grad_(True)
     targets = (labels == 0).double()
-    sigmoid_loss = sigmoid_focal_loss(margin, targets, -1 if alpha is None else alpha, gamma)
+    sigmoid_loss = sigmoid_focal_loss(margin, targets, alpha, gamma)
     (margin_grad,) = torch.autograd.grad(sigmoid_loss.sum(), margin)
     torch.testing.assert_close(loss, sigmoid_loss.detach())
     torch.testing.assert_close(grad, torch.stack([margin_grad, -margin_grad], dim=1))
@@ -339,7 +341,7 @@ def test_softmax_focal_loss_stable_for_extreme_logits(dtype, gamma):
     logits[0, 0] = logits[1, 2] = 1e4  # easy: p_t = 1
     logits[2, 1] = logits[3, 0] = 1e4  # hard: p_t = 0
     labels = torch.tensor([0, 2, 0, 2])
-    loss, grad = _grad(softmax_focal_loss, logits, labels, gamma, 0.25)
+    loss, grad = _grad(softmax_focal_loss, logits, labels, 0.25, gamma)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     assert (loss[:2] == 0).all() and (grad[:2] == 0).all()
     torch.testing.assert_close(loss[2:], torch.tensor([0.25 * 1e4, 0.75 * 1e4]), rtol=1e-2, atol=0)
@@ -353,14 +355,14 @@ def test_softmax_focal_loss_rejects_bad_labels():
     with pytest.raises(ValueError, match="labels"):
         softmax_focal_loss(logits, torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="alpha"):
-        softmax_focal_loss(logits, torch.tensor([0, 1, 2]), alpha=-0.5)
+        softmax_focal_loss(logits, torch.tensor([0, 1, 2]), alpha=1.5)
 
 
 def test_losses_of_no_examples():
     empty = torch.zeros(0)
     assert sigmoid_focal_loss(empty, empty).shape == (0,)
     assert sigmoid_focal_loss(empty, empty, reduction="sum").item() == 0
-    assert focal_star_loss(empty, empty, 2.0, 1.0, reduction="sum").item() == 0
+    assert focal_star_loss(empty, empty, 0.25, 2.0, 1.0, reduction="sum").item() == 0
     no_rows = softmax_focal_loss(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     assert no_rows.shape == (0,)
 
@@ -369,9 +371,9 @@ def test_losses_of_no_examples():
 
 LOSS_CALLS = {
     "sigmoid_focal_loss": lambda x, t, **kw: sigmoid_focal_loss(x, t, 0.25, 2.0, **kw),
-    "focal_star_loss": lambda x, t, **kw: focal_star_loss(x, t, 2.0, 1.0, alpha=0.25, **kw),
+    "focal_star_loss": lambda x, t, **kw: focal_star_loss(x, t, 0.25, 2.0, 1.0, **kw),
     "softmax_focal_loss": lambda x, t, **kw: softmax_focal_loss(
-        x.view(-1, 4), (t.view(-1, 4)[:, 0] * 3).long(), 2.0, 0.25, **kw
+        x.view(-1, 4), (t.view(-1, 4)[:, 0] * 3).long(), 0.25, 2.0, **kw
     ),
 }
 
@@ -558,3 +560,25 @@ def test_ohem_select_edge_cases():
         ohem_select(losses, boxes, labels, batch_size_per_image=8, fg_fraction=1.5, **kwargs)
     with pytest.raises(ValueError, match="shapes"):
         ohem_select(losses, boxes[:, :2], labels, batch_size_per_image=8, **kwargs)
+
+
+# ----- the deprecated module ----------------------------------------------------------------
+
+
+def test_deprecated_module_keeps_earlier_signatures_and_warns():
+    from focal_det2 import losses as old
+
+    x, t = _logits_and_targets()
+    logits, labels = _softmax_inputs()
+    with pytest.warns(DeprecationWarning, match="focal_det2.modeling.losses.focal_star_loss"):
+        star = old.focal_star_loss(x, t, 2.0, 1.0, alpha=0.25)
+    torch.testing.assert_close(star, focal_star_loss(x, t, 0.25, 2.0, 1.0))
+    with pytest.warns(DeprecationWarning):
+        softmax = old.softmax_focal_loss(logits, labels, 2.0, None)
+    torch.testing.assert_close(softmax, softmax_focal_loss(logits, labels, -1.0, 2.0))
+    with pytest.warns(DeprecationWarning):
+        summed = old.sigmoid_focal_loss_with_labels(logits[:, :-1], labels)
+    torch.testing.assert_close(
+        summed,
+        sigmoid_focal_loss(logits[:, :-1], F.one_hot(labels)[:, :-1].double(), reduction="sum"),
+    )

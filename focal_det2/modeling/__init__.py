@@ -1,7 +1,7 @@
 """Modeling parts of focal_det2; importing this module registers them."""
 
-from .cls_losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
-from .heads import FOCAL_HEAD_REGISTRY, FocalRetinaNetGNHead, FocalRetinaNetHead, build_focal_head
+from .heads import FOCAL_HEAD_REGISTRY, FocalRetinaNetHead, build_focal_head
+from .losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
 from .meta_arch import FocalRetinaNet, check_focal_config
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "FOCAL_HEAD_REGISTRY",
     "ClassificationLoss",
     "FocalRetinaNet",
-    "FocalRetinaNetGNHead",
     "FocalRetinaNetHead",
     "build_cls_loss",
     "build_focal_head",

@@ -9,7 +9,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
-from .cls_losses import build_cls_loss
+from .losses import build_cls_loss
 
 FOCAL_HEAD_REGISTRY = Registry("FOCAL_HEAD")
 FOCAL_HEAD_REGISTRY.__doc__ = """
@@ -30,10 +30,11 @@ def build_focal_head(cfg, input_shape: List[ShapeSpec]) -> nn.Module:
 class FocalRetinaNetHead(RetinaNetHead):
     """
     The paper's head: a classification and a box subnet of ``MODEL.RETINANET.NUM_CONVS`` 3x3
-    convs each, shared across levels. It is Detectron2's ``RetinaNetHead`` (same parameters, same
-    state-dict keys, ``MODEL.RETINANET.NORM`` honoured), with one logit per anchor and class
-    plus a background logit when the classification loss needs one (softmax), and the
-    classifier bias of ``MODEL.RETINANET.PRIOR_PROB`` as that loss turns logits into scores.
+    convs each, shared across levels. It is Detectron2's ``RetinaNetHead`` (same parameters,
+    same state-dict keys; ``MODEL.RETINANET.NORM`` "GN" or "BN" adds a norm after every subnet
+    conv), with one logit per anchor and class plus a background logit when the classification
+    loss needs one (softmax), and the classifier bias of ``MODEL.RETINANET.PRIOR_PROB`` as that
+    loss turns logits into scores.
     """
 
     @configurable
@@ -58,17 +59,3 @@ class FocalRetinaNetHead(RetinaNetHead):
         ret["num_classes"] = cls_loss.num_logits(num_classes)
         ret["cls_logit_bias"] = cls_loss.initial_logit_bias(num_classes, ret["prior_prob"])
         return ret
-
-
-@FOCAL_HEAD_REGISTRY.register()
-class FocalRetinaNetGNHead(FocalRetinaNetHead):
-    """
-    The head with GroupNorm (32 groups) after every subnet conv, whatever
-    ``MODEL.RETINANET.NORM`` says: normalised heads train from random initialisation and with
-    small per-GPU batches, where BatchNorm statistics are noisy.
-    """
-
-    @configurable
-    def __init__(self, **kwargs):
-        kwargs["norm"] = "GN"
-        super().__init__(**kwargs)

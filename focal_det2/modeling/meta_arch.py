@@ -7,9 +7,8 @@ import torch.distributed as dist
 from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.anchor_generator import build_anchor_generator
-from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances
@@ -17,8 +16,8 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
-from .cls_losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
 from .heads import FOCAL_HEAD_REGISTRY, build_focal_head
+from .losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
 
 __all__ = ["FocalRetinaNet", "check_focal_config"]
 
@@ -40,6 +39,12 @@ def check_focal_config(cfg: CN) -> None:
         _fail("MODEL.RETINANET.FOCAL_LOSS_ALPHA", alpha, "[0, 1], or -1 for no weighting")
     if not 0 < retinanet.PRIOR_PROB < 1:
         _fail("MODEL.RETINANET.PRIOR_PROB", retinanet.PRIOR_PROB, "(0, 1)")
+    if focal.HEAD_NAME == "FocalRetinaNetGNHead":
+        _fail(
+            "MODEL.FOCAL_RETINANET.HEAD_NAME",
+            focal.HEAD_NAME,
+            'FocalRetinaNetHead; its GroupNorm variant is MODEL.RETINANET.NORM "GN"',
+        )
     for key, registry, name in (
         ("HEAD_NAME", FOCAL_HEAD_REGISTRY, focal.HEAD_NAME),
         ("CLS_LOSS_NAME", FOCAL_CLS_LOSS_REGISTRY, focal.CLS_LOSS_NAME),
@@ -100,53 +105,58 @@ class FocalRetinaNet(RetinaNet):
     @classmethod
     def from_config(cls, cfg):
         check_focal_config(cfg)
-        backbone = build_backbone(cfg)
-        backbone_shape = backbone.output_shape()
-        feature_shapes = [backbone_shape[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
-        retinanet = cfg.MODEL.RETINANET
-        return {
-            "backbone": backbone,
-            "head": build_focal_head(cfg, feature_shapes),
-            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
-            "box2box_transform": Box2BoxTransform(weights=retinanet.BBOX_REG_WEIGHTS),
-            "anchor_matcher": Matcher(
-                retinanet.IOU_THRESHOLDS,
-                retinanet.IOU_LABELS,
+        ret = super().from_config(cfg)
+        # The classification loss replaces Detectron2's focal-loss arguments.
+        del ret["focal_loss_alpha"], ret["focal_loss_gamma"]
+        feature_shapes = [ret["backbone"].output_shape()[f] for f in ret["head_in_features"]]
+        ret.update(
+            head=build_focal_head(cfg, feature_shapes),
+            anchor_matcher=Matcher(
+                cfg.MODEL.RETINANET.IOU_THRESHOLDS,
+                cfg.MODEL.RETINANET.IOU_LABELS,
                 allow_low_quality_matches=cfg.MODEL.FOCAL_RETINANET.ALLOW_LOW_QUALITY_MATCHES,
             ),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "num_classes": retinanet.NUM_CLASSES,
-            "head_in_features": retinanet.IN_FEATURES,
-            # Loss parameters:
-            "cls_loss": build_cls_loss(cfg),
-            "smooth_l1_beta": retinanet.SMOOTH_L1_LOSS_BETA,
-            "box_reg_loss_type": retinanet.BBOX_REG_LOSS_TYPE,
-            "num_pos_across_workers": cfg.MODEL.FOCAL_RETINANET.NUM_POS_ACROSS_WORKERS,
-            "diagnostics_period": cfg.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD,
-            "channels_last": cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST,
-            # Inference parameters:
-            "test_score_thresh": retinanet.SCORE_THRESH_TEST,
-            "test_topk_candidates": retinanet.TOPK_CANDIDATES_TEST,
-            "test_nms_thresh": retinanet.NMS_THRESH_TEST,
-            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            # Vis parameters
-            "vis_period": cfg.VIS_PERIOD,
-            "input_format": cfg.INPUT.FORMAT,
-        }
+            cls_loss=build_cls_loss(cfg),
+            num_pos_across_workers=cfg.MODEL.FOCAL_RETINANET.NUM_POS_ACROSS_WORKERS,
+            diagnostics_period=cfg.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD,
+            channels_last=cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST,
+        )
+        return ret
 
     @property
     def num_logits(self) -> int:
         """Classification logits per anchor."""
         return self.cls_loss.num_logits(self.num_classes)
 
-    def forward_training(self, images, features, predictions, gt_instances):
-        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
-            predictions, [self.num_logits, 4]
+    def _transpose_dense_predictions(
+        self, predictions: List[List[Tensor]], dims_per_anchor: List[int]
+    ) -> List[List[Tensor]]:
+        """
+        Detectron2's, for the head's outputs: its callers ask for ``num_classes`` values per
+        anchor, the head predicts ``num_logits`` (K + 1 for a loss with a background logit).
+        """
+        return super()._transpose_dense_predictions(
+            predictions, [self.num_logits, *dims_per_anchor[1:]]
         )
-        anchors = self.anchor_generator(features)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        return self.losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
+
+    @torch.no_grad()
+    def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
+        """
+        Detectron2's, after checking that every ground-truth class id is one of the model's
+        classes: an id past ``MODEL.RETINANET.NUM_CLASSES`` would otherwise train as a
+        background anchor of the classification loss but a foreground one of the box loss.
+        """
+        gt_classes = cat([x.gt_classes for x in gt_instances])
+        if gt_classes.numel():
+            low, high = int(gt_classes.min()), int(gt_classes.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"ground-truth class id {high if high >= self.num_classes else low} is out "
+                    f"of range for MODEL.RETINANET.NUM_CLASSES = {self.num_classes} (ids "
+                    f"0..{self.num_classes - 1}): set MODEL.RETINANET.NUM_CLASSES to the "
+                    "number of classes of the training data."
+                )
+        return super().label_anchors(anchors, gt_instances)
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """
@@ -237,8 +247,9 @@ class FocalRetinaNet(RetinaNet):
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
     ) -> List[Instances]:
+        # Detectron2's, with the scores of the classification loss instead of a sigmoid.
         pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
-            predictions, [self.num_logits, 4]
+            predictions, [self.num_classes, 4]
         )
         anchors = self.anchor_generator(features)
         results = []

@@ -1,12 +1,13 @@
 """
-The sigmoid focal loss of :paper:`RetinaNet` taken from integer labels, fused with its gradient.
+Private backend of :func:`focal_det2.modeling.losses.sigmoid_focal_loss_with_labels`: the
+sigmoid focal loss taken from integer labels, fused with its gradient. Arguments are checked by
+that function, not here.
 
 Detectron2's RetinaNet builds a float one-hot target of the logits' size and runs
 ``fvcore.nn.sigmoid_focal_loss_jit`` on it; autograd then keeps about a dozen (N, K) tensors
-for the backward pass. :func:`sigmoid_focal_loss_with_labels` computes the same loss straight
-from the labels: one elementwise pass gives the loss and the closed-form gradient of Appendix B
-of the paper, only the gradient is kept for backward, and the target of element (i, k) is the
-comparison ``labels[i] == k``, evaluated inside that pass.
+for the backward pass. Here one elementwise pass computes the loss and the closed-form gradient
+of Appendix B of the paper, only the gradient is kept for backward, and the target of element
+(i, k) is the comparison ``labels[i] == k``, evaluated inside that pass.
 
 The pass is compiled with ``torch.compile`` (inductor, ``dynamic=True``, so a new number of
 anchors never recompiles) on the first call, and falls back to an eager implementation of the
@@ -22,11 +23,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["sigmoid_focal_loss_with_labels"]
+__all__ = ["DISABLE_COMPILE_ENV", "fused_sigmoid_focal_loss"]
 
 logger = logging.getLogger(__name__)
-
-_REDUCTIONS = ("none", "mean", "sum")
 
 #: Environment variable that forces the eager implementation (e.g. for tests or debugging).
 DISABLE_COMPILE_ENV = "FOCAL_DET2_DISABLE_COMPILE"
@@ -63,8 +62,8 @@ def _focal_terms(
 
     Args:
         logits: (N, K) floating logits; half precision is computed in float32.
-        labels: (N,) integer labels: k in [0, K) is a positive of class k, K (or any other
-            value >= K) is background, a negative value ignores the row.
+        labels: (N,) integer labels: k in [0, K) is a positive of class k, K is background,
+            a negative value ignores the row.
         alpha_pos, alpha_neg: the weights alpha_t of positives and negatives.
         gamma: focusing parameter >= 0.
         with_grad: whether to compute the gradient.
@@ -260,64 +259,14 @@ def _graph_is_freed_after_backward() -> bool:
     return keep_graph is not None and not keep_graph()
 
 
-def sigmoid_focal_loss_with_labels(
-    logits: Tensor,
-    labels: Tensor,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "sum",
+def fused_sigmoid_focal_loss(
+    logits: Tensor, labels: Tensor, alpha: float, gamma: float, reduction: str
 ) -> Tensor:
     """
-    The sigmoid focal loss FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) (eq. 5 of the paper) of
-    every (anchor, class) pair, from integer labels, fused with its gradient.
-
-    Equals Detectron2's RetinaNet classification loss ::
-
-        valid = labels >= 0
-        targets = F.one_hot(labels[valid], K + 1)[:, :-1].to(logits.dtype)
-        fvcore.nn.sigmoid_focal_loss_jit(logits[valid], targets, alpha, gamma, reduction)
-
-    with the same gradients, without building the one-hot targets: the forward pass computes
-    the loss and the closed-form gradient (Appendix B) in one pass and keeps only the gradient
-    for backward. Stable for any finite logit. Not twice differentiable.
-
-    Args:
-        logits: (N, K) float16 / bfloat16 / float32 / float64 classification logits.
-        labels: (N,) int64 labels: k in [0, K) marks a positive of class k, K background (a
-            negative of every class), and any negative value an ignored row (0 loss, 0
-            gradient). Values above K are not checked (checking would synchronise a GPU) and
-            count as background.
-        alpha: weight of the positives, 1 - alpha of the negatives, in [0, 1]; < 0 for no
-            weighting.
-        gamma: focusing parameter >= 0; 0 gives the (alpha-balanced) cross entropy.
-        reduction: "sum" (RetinaNet's; the caller normalises, e.g. by the number of
-            foreground anchors), "mean" (the sum divided by K times the number of valid rows,
-            NaN without any, like fvcore's mean over the masked targets) or "none".
-
-    Returns:
-        A scalar for "sum" and "mean"; (N, K) for "none", with zero rows where ignored.
-        float32 for half-precision and float32 logits (accumulated in float32), float64 for
-        float64 logits. The gradient has the dtype of ``logits``.
+    :func:`focal_det2.modeling.losses.sigmoid_focal_loss_with_labels` on checked arguments:
+    ``logits`` (N, K) floating, ``labels`` (N,) integer on the same device, labels in
+    [0, K] or negative (ignored), alpha in [0, 1] or < 0, gamma >= 0, a known reduction.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating tensor; got {logits.dtype}.")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor; got {labels.dtype}.")
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(
-            "logits must be (N, K) and labels (N,); got logits "
-            f"{tuple(logits.shape)} and labels {tuple(labels.shape)}."
-        )
-    if labels.device != logits.device:
-        raise ValueError(
-            f"logits and labels must be on one device; got {logits.device} and {labels.device}."
-        )
-    if alpha > 1:
-        raise ValueError(f"alpha must be in [0, 1], or < 0 for no weighting; got {alpha}.")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0; got {gamma}.")
     # Contiguous inputs without autograd history: dynamo guards on strides and requires_grad.
     labels = labels.contiguous()
     if torch.is_grad_enabled() and logits.requires_grad:
