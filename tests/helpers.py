@@ -46,3 +46,35 @@ def run_train_net(*args, timeout=600, env=None):
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def tiny_register_args(tiny_coco):
+    """``--register-coco`` arguments of the tiny dataset as ``tiny_train`` and ``tiny_val``."""
+    return [
+        "--register-coco",
+        "tiny_train",
+        *tiny_coco["train"],
+        "--register-coco",
+        "tiny_val",
+        *tiny_coco["val"],
+    ]
+
+
+# A trained tiny checkpoint: 20 iterations of the demo model on 128 px images, evaluated at
+# iteration 10 and at the end.
+TINY_CHECKPOINT_OPTS = (
+    "SOLVER.MAX_ITER",
+    "20",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "TEST.EVAL_PERIOD",
+    "10",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(128,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "128",
+    "INPUT.MAX_SIZE_TEST",
+    "128",
+)
