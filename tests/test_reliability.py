@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,12 +37,15 @@ def test_kill_during_checkpoint_then_resume(tiny_coco, tmp_path):
         "DATASETS.TEST",
         "()",
     )
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "train_net.py"), *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # The same arguments as the resumed run below, without --resume: a fresh start.
+    fresh_log = tmp_path / "fresh.log"
+    with open(fresh_log, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "train_net.py"), *args],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 300
     caught_mid_write = False
     while time.monotonic() < deadline and process.poll() is None:
@@ -63,9 +67,16 @@ def test_kill_during_checkpoint_then_resume(tiny_coco, tmp_path):
     assert (tmp_path / last).is_file()
     assert "loss_normalizer" in load_checkpoint(tmp_path / last)["loss_normalizer"]
 
+    # Detectron2 logs the iteration that TrainerBase.train starts from: 0 for the fresh run,
+    # the one after the last complete checkpoint for the resumed run.
+    assert "Starting training from iteration 0\n" in fresh_log.read_text()
+    resume_iteration = load_checkpoint(tmp_path / last)["iteration"] + 1
+    assert resume_iteration > 0, last
     result = run_train_net("--resume", *args)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert f"Resuming from {tmp_path / last}" in result.stdout or last in result.stdout
+    assert f"Loading from {tmp_path / last} ..." in result.stdout, result.stdout[-3000:]
+    starts = re.findall(r"Starting training from iteration (\d+)", result.stdout)
+    assert starts == [str(resume_iteration)], (starts, last)
     final = load_checkpoint(tmp_path / "model_final.pth")
     assert final["iteration"] == 11
     for path in tmp_path.glob("*.pth"):
