@@ -39,10 +39,32 @@ def add_focal_config(cfg: CN) -> None:
     # that every feature map is NHWC: faster convolutions (oneDNN on CPU, cuDNN tensor cores) and
     # free reshapes of the head's outputs to (N, Hi*Wi*A, K). Same values either way.
     _C.MODEL.FOCAL_RETINANET.CHANNELS_LAST = True
+    # Per-class alpha of the classification loss (every loss with an alpha): one float in
+    # [0, 1] per class (MODEL.RETINANET.NUM_CLASSES values), weighting the positives of class k
+    # by alpha_k and its negatives by 1 - alpha_k. [] = MODEL.RETINANET.FOCAL_LOSS_ALPHA for
+    # every class (the paper).
+    _C.MODEL.FOCAL_RETINANET.CLASS_ALPHA = []
+    # Derive the per-class alpha from the instance counts n_k of DATASETS.TRAIN with this power
+    # p >= 0 (0 = off; exclusive with CLASS_ALPHA): on the odds scale, alpha_k / (1 - alpha_k) =
+    # a / (1 - a) * (median_j n_j / n_k)^p with a = MODEL.RETINANET.FOCAL_LOSS_ALPHA, clipped to
+    # [0.01, 0.99]. A class of median frequency keeps a; rarer classes weigh their positives more.
+    # Computed when the model is built; without the training sets registered (inference) the
+    # loss keeps a, which inference does not use.
+    _C.MODEL.FOCAL_RETINANET.CLASS_ALPHA_FROM_FREQUENCY = 0.0
+    # Fine-tuning from weights of another number of classes (e.g. COCO's 80): drop the
+    # classifier's weights from MODEL.WEIGHTS (head.cls_score) and start it from the prior
+    # (MODEL.RETINANET.PRIOR_PROB). False: a classifier of another shape stops training with an
+    # error, as any other weight whose shape does not fit the model.
+    _C.MODEL.FOCAL_RETINANET.WEIGHTS_DROP_CLASSIFIER = False
 
     # What to do with invalid records of the COCO-format datasets in use: "error" stops before
     # training with one report of all problems, "skip" drops them and trains on the rest.
+    # It applies as well to an image that fails to decode while training: "error" stops the run
+    # naming the file, "skip" replaces the sample and counts it (data/skipped_samples).
     _C.DATASETS.INVALID_POLICY = "error"
+    # Decode every image's pixels in the dataset validation, not only its header: finds damaged
+    # files before training, at the cost of reading every image once more.
+    _C.DATASETS.VALIDATE_FULL_DECODE = False
 
     # COCOeval implementation of the COCO evaluation: "faster_coco_eval" (compiled, needs no
     # Detectron2 _C) or "pycocotools" (the official Python code); both give the same numbers.

@@ -350,3 +350,117 @@ def test_cuda_matches_cpu(monkeypatch, dtype, reduction):
     rtol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0], rtol=rtol, atol=1e-6)
     torch.testing.assert_close(on_gpu[1].cpu(), on_cpu[1], rtol=rtol, atol=1e-5)
+
+
+# ----- per-class alpha ----------------------------------------------------------------------
+
+
+def _paper_fp64_per_class(logits, labels, alpha, gamma):
+    """Eq. 5 in float64, alpha_k per column: alpha_k for a positive of class k, else 1 - alpha_k."""
+    x = logits.double()
+    a = alpha.double()[None, :]
+    targets = F.one_hot(labels.clamp_min(0), x.shape[1] + 1)[:, :-1].double()
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = torch.where(targets == 1, a, 1 - a)
+    return alpha_t * (1 - p_t) ** gamma * ce * (labels >= 0)[:, None]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_per_class_alpha_fp64_matches_paper_formula(gamma):
+    logits, labels = _batch(700, 9, torch.float64, seed=12)
+    alpha = torch.tensor([0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0], dtype=torch.float64)
+    value, grad = _value_and_grad(
+        sigmoid_focal_loss_with_labels, logits, labels, alpha, gamma, "none"
+    )
+    ref_value, ref_grad = _value_and_grad(_paper_fp64_per_class, logits, labels, alpha, gamma)
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-13)
+    # Negatives of class k are weighted by 1 - alpha_k: alpha_8 = 1 leaves its negatives no loss.
+    negatives_of_8 = (labels >= 0) & (labels != 8)
+    assert (value[negatives_of_8, 8] == 0).all() and (value[negatives_of_8, 7] > 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_per_class_alpha_of_equal_values_is_the_scalar_alpha(reduction):
+    logits, labels = _batch(500, 7, torch.float32, seed=13)
+    scalar = _value_and_grad(sigmoid_focal_loss_with_labels, logits, labels, 0.25, 2.0, reduction)
+    per_class = _value_and_grad(
+        sigmoid_focal_loss_with_labels, logits, labels, torch.full((7,), 0.25), 2.0, reduction
+    )
+    torch.testing.assert_close(per_class, scalar, rtol=0, atol=0)
+
+
+def test_per_class_alpha_sum_matches_detectron2_per_class():
+    # Summing Detectron2's loss over columns, each with its scalar alpha, is the per-class loss.
+    logits, labels = _batch(900, 5, torch.float32, seed=14)
+    alpha = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    value, grad = _value_and_grad(sigmoid_focal_loss_with_labels, logits, labels, alpha, 2.0)
+    valid = labels >= 0
+    targets = F.one_hot(labels[valid], 6)[:, :-1].float()
+    x = logits[valid].detach().clone().requires_grad_()
+    ref = sum(
+        sigmoid_focal_loss_jit(x[:, k], targets[:, k], float(alpha[k]), 2.0, "sum")
+        for k in range(5)
+    )
+    ref.backward()
+    torch.testing.assert_close(value, ref.detach(), rtol=1e-5, atol=1e-6)
+    _assert_grad_close(grad[valid], x.grad)
+
+
+def test_per_class_alpha_bad_values_are_errors():
+    logits, labels = _batch(10, 3, torch.float32, seed=15)
+    for bad, match in [
+        (torch.tensor([0.25, 0.5]), "3 classes, got 2 alphas"),
+        (torch.tensor([0.25, 1.5, 0.5]), "alpha must be in"),
+        (torch.tensor([0.25, -0.5, 0.5]), "alpha must be in"),
+        (torch.tensor([0.25, float("nan"), 0.5]), "alpha must be in"),
+        (torch.full((1, 3), 0.25), "alpha must be in"),
+        (torch.tensor([0, 1, 0]), "alpha must be in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sigmoid_focal_loss_with_labels(logits, labels, bad)
+
+
+def test_compiled_per_class_alpha_matches_eager_without_recompiling(compiled, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    graphs = None
+    for seed, (n, alpha) in enumerate([(1000, None), (57, None), (333, 0.25)]):
+        if seed == 1:
+            # Both kernels ("sum": rows, "none": elements) are compiled by now.
+            graphs = counters["stats"]["unique_graphs"]
+        logits, labels = _batch(n, 80, torch.float32, seed=20 + seed)
+        if alpha is None:
+            alpha = torch.rand(80, generator=torch.Generator().manual_seed(seed))
+        for reduction in ("sum", "none"):
+            monkeypatch.delenv(DISABLE_COMPILE_ENV, raising=False)
+            fused = _value_and_grad(
+                sigmoid_focal_loss_with_labels, logits, labels, alpha, 2.0, reduction
+            )
+            monkeypatch.setenv(DISABLE_COMPILE_ENV, "1")
+            eager = _value_and_grad(
+                sigmoid_focal_loss_with_labels, logits, labels, alpha, 2.0, reduction
+            )
+            torch.testing.assert_close(fused, eager, rtol=2e-6, atol=1e-7)
+    # New sizes, new per-class values and a scalar alpha reuse the compiled graphs.
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_per_class_alpha_matches_cpu(monkeypatch):
+    monkeypatch.delenv(DISABLE_COMPILE_ENV)
+    logits, labels = _batch(5000, 80, torch.float32, seed=16)
+    alpha = torch.rand(80, generator=torch.Generator().manual_seed(3))
+    on_cpu = _value_and_grad(sigmoid_focal_loss_with_labels, logits, labels, alpha, 2.0, "sum")
+    # The alpha may stay on the CPU: the op moves it to the logits' device.
+    on_gpu = _value_and_grad(
+        sigmoid_focal_loss_with_labels, logits.cuda(), labels.cuda(), alpha, 2.0, "sum"
+    )
+    on_gpu_alpha = _value_and_grad(
+        sigmoid_focal_loss_with_labels, logits.cuda(), labels.cuda(), alpha.cuda(), 2.0, "sum"
+    )
+    for result in (on_gpu, on_gpu_alpha):
+        torch.testing.assert_close(result[0].cpu(), on_cpu[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result[1].cpu(), on_cpu[1], rtol=1e-5, atol=1e-5)

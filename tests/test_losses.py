@@ -582,3 +582,84 @@ def test_deprecated_module_keeps_earlier_signatures_and_warns():
         summed,
         sigmoid_focal_loss(logits[:, :-1], F.one_hot(labels)[:, :-1].double(), reduction="sum"),
     )
+
+
+# ----- per-class alpha ----------------------------------------------------------------------
+
+PER_CLASS_ALPHA = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.9, 1.0], dtype=torch.float64)
+
+
+def _per_class_inputs(k=6, n=300):
+    x = torch.randn(n, k, dtype=torch.float64) * 4
+    t = (torch.rand(n, k) < 0.3).double()
+    return x, t
+
+
+def _per_class_alpha_t(t, alpha):
+    return torch.where(t == 1, alpha[None, :], 1 - alpha[None, :])
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_sigmoid_focal_loss_per_class_alpha_matches_paper_formula(gamma):
+    x, t = _per_class_inputs()
+    loss, grad = _grad(sigmoid_focal_loss, x, t, PER_CLASS_ALPHA, gamma)
+    ref_loss, ref_grad = _grad(
+        lambda x: _per_class_alpha_t(t, PER_CLASS_ALPHA) * paper_focal_loss(x, t, -1, gamma), x
+    )
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma,beta", [(2.0, 1.0), (4.0, 0.0)])
+def test_focal_star_loss_per_class_alpha_matches_appendix_a(gamma, beta):
+    x, t = _per_class_inputs()
+    loss, grad = _grad(focal_star_loss, x, t, PER_CLASS_ALPHA, gamma, beta)
+    ref_loss, ref_grad = _grad(
+        lambda x: _per_class_alpha_t(t, PER_CLASS_ALPHA)
+        * paper_focal_star_loss(x, t, -1, gamma, beta),
+        x,
+    )
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_softmax_focal_loss_per_class_alpha_matches_paper_formula(gamma):
+    logits, labels = _softmax_inputs(num_classes=6)
+    alpha = PER_CLASS_ALPHA
+    loss, grad = _grad(softmax_focal_loss, logits, labels, alpha, gamma)
+    # Label k < K: alpha_k; background: 1 - mean(alpha).
+    alpha_t = torch.where(labels == 6, 1 - alpha.mean(), alpha[labels.clamp(max=5)])
+    ref_loss, ref_grad = _grad(
+        lambda x: alpha_t * paper_softmax_focal_loss(x, labels, -1, gamma), logits
+    )
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_per_class_alpha_of_equal_values_is_the_scalar_alpha():
+    x, t = _per_class_inputs()
+    same = torch.full((6,), 0.25, dtype=torch.float64)
+    torch.testing.assert_close(sigmoid_focal_loss(x, t, same), sigmoid_focal_loss(x, t, 0.25))
+    torch.testing.assert_close(
+        focal_star_loss(x, t, same, 2.0, 1.0), focal_star_loss(x, t, 0.25, 2.0, 1.0)
+    )
+    logits, labels = _softmax_inputs(num_classes=6)
+    torch.testing.assert_close(
+        softmax_focal_loss(logits, labels, same), softmax_focal_loss(logits, labels, 0.25)
+    )
+
+
+def test_per_class_alpha_of_the_wrong_length_or_range_is_an_error():
+    x, t = _per_class_inputs()
+    logits, labels = _softmax_inputs(num_classes=6)
+    calls = [
+        lambda a: sigmoid_focal_loss(x, t, a),
+        lambda a: focal_star_loss(x, t, a, 2.0, 1.0),
+        lambda a: softmax_focal_loss(logits, labels, a),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="6 classes, got 5 alphas"):
+            call(torch.full((5,), 0.25))
+        with pytest.raises(ValueError, match="alpha must be in"):
+            call(torch.tensor([0.25] * 5 + [1.5]))

@@ -17,7 +17,7 @@ warning) or when the environment variable ``FOCAL_DET2_DISABLE_COMPILE=1`` is se
 
 import logging
 import os
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -41,8 +41,8 @@ _EAGER_CHUNK_ELEMENTS_DEFAULT = 1 << 22
 def _focal_terms(
     logits: Tensor,
     labels: Tensor,
-    alpha_pos: float,
-    alpha_neg: float,
+    alpha_pos: Tensor,
+    alpha_neg: Tensor,
     gamma: float,
     with_grad: bool,
 ) -> Tuple[Tensor, Optional[Tensor]]:
@@ -64,7 +64,8 @@ def _focal_terms(
         logits: (N, K) floating logits; half precision is computed in float32.
         labels: (N,) integer labels: k in [0, K) is a positive of class k, K is background,
             a negative value ignores the row.
-        alpha_pos, alpha_neg: the weights alpha_t of positives and negatives.
+        alpha_pos, alpha_neg: (K,) the weights alpha_t of positives and negatives of each
+            class (column), in the compute dtype.
         gamma: focusing parameter >= 0.
         with_grad: whether to compute the gradient.
 
@@ -83,9 +84,8 @@ def _focal_terms(
     # log1p, and several times cheaper in inductor's vectorised CPU code.
     log1p_e = torch.log(u) - ((u - 1.0) - e) * r
     ce = torch.clamp_min(-z, 0.0) + log1p_e  # -log(p_t)
-    # alpha_t as arithmetic, not torch.where on two Python floats: dynamo would specialise (and
-    # recompile) on the values of alpha.
-    alpha_t = is_pos * (alpha_pos - alpha_neg) + alpha_neg
+    # Per column: one (K,) load each, broadcast over the rows.
+    alpha_t = torch.where(is_pos, alpha_pos, alpha_neg)
     weight = alpha_t * torch.exp(-gamma * (torch.clamp_min(z, 0.0) + log1p_e))  # alpha_t q^gamma
     # torch.where, not a product with the mask: an ignored row adds exactly 0 whatever its logits.
     loss = torch.where(valid, weight * ce, 0.0)
@@ -151,8 +151,8 @@ def _compiled_kernel(rows: bool, with_grad: bool) -> Callable:
 def _run_eager(
     logits: Tensor,
     labels: Tensor,
-    alpha_pos: float,
-    alpha_neg: float,
+    alpha_pos: Tensor,
+    alpha_neg: Tensor,
     gamma: float,
     rows: bool,
     with_grad: bool,
@@ -174,10 +174,30 @@ def _run_eager(
     return loss, grad
 
 
+def _class_weights(logits: Tensor, alpha: Union[float, Tensor]) -> Tuple[Tensor, Tensor]:
+    """
+    The (K,) weights alpha_t of positives and of negatives of each class, in the compute dtype
+    on the logits' device: alpha_k and 1 - alpha_k, or 1 and 1 for a scalar alpha < 0. Tensors
+    even for a scalar alpha, so that dynamo compiles one graph for every alpha, scalar or per
+    class, instead of specialising on its value.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    num_classes = logits.shape[1]
+    if isinstance(alpha, Tensor):
+        alpha_pos = alpha.detach().to(device=logits.device, dtype=dtype)
+        return alpha_pos, 1.0 - alpha_pos
+    value = float(alpha)
+    pos, neg = (value, 1.0 - value) if value >= 0 else (1.0, 1.0)
+    return (
+        torch.full((num_classes,), pos, dtype=dtype, device=logits.device),
+        torch.full((num_classes,), neg, dtype=dtype, device=logits.device),
+    )
+
+
 def _run(
     logits: Tensor,
     labels: Tensor,
-    alpha: float,
+    alpha: Union[float, Tensor],
     gamma: float,
     rows: bool,
     with_grad: bool,
@@ -186,7 +206,7 @@ def _run(
     Returns the per-row (``rows``) or elementwise loss in the compute dtype and, with
     ``with_grad``, the elementwise gradient of the summed loss in the dtype of ``logits``.
     """
-    alpha_pos, alpha_neg = (float(alpha), 1.0 - float(alpha)) if alpha >= 0 else (1.0, 1.0)
+    alpha_pos, alpha_neg = _class_weights(logits, alpha)
     gamma = float(gamma)
     if torch.compiler.is_compiling():
         # Traced by an outer torch.compile: hand it the plain formula to fuse in its own graph.
@@ -260,12 +280,13 @@ def _graph_is_freed_after_backward() -> bool:
 
 
 def fused_sigmoid_focal_loss(
-    logits: Tensor, labels: Tensor, alpha: float, gamma: float, reduction: str
+    logits: Tensor, labels: Tensor, alpha: Union[float, Tensor], gamma: float, reduction: str
 ) -> Tensor:
     """
     :func:`focal_det2.modeling.losses.sigmoid_focal_loss_with_labels` on checked arguments:
     ``logits`` (N, K) floating, ``labels`` (N,) integer on the same device, labels in
-    [0, K] or negative (ignored), alpha in [0, 1] or < 0, gamma >= 0, a known reduction.
+    [0, K] or negative (ignored), alpha in [0, 1] or < 0 or a (K,) tensor of per-class alphas
+    in [0, 1], gamma >= 0, a known reduction.
     """
     # Contiguous inputs without autograd history: dynamo guards on strides and requires_grad.
     labels = labels.contiguous()

@@ -4,7 +4,8 @@ Detection", ICCV 2017), in one place:
 
 - the loss functions, pure and sharing one signature, fvcore's
   ``(inputs, targets, alpha, gamma, [beta,] reduction)`` with one "no weighting" sentinel,
-  ``alpha < 0``:
+  ``alpha < 0``, and alpha either one float for every class (the paper's) or a (K,) tensor of
+  per-class alphas:
 
   - :func:`sigmoid_focal_loss`: eq. 5 on dense (one-hot or soft) targets, the reference;
   - :func:`sigmoid_focal_loss_with_labels`: the same loss from class-index labels, fused with
@@ -22,7 +23,7 @@ Normalisation by the number of foreground anchors is the meta-architecture's bus
 """
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from detectron2.config import configurable
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ._fused_focal_loss import fused_sigmoid_focal_loss
+from .class_alpha import class_alpha_from_config
 from .sampling import ohem_select
 
 __all__ = [
@@ -54,19 +56,50 @@ __all__ = [
 
 _REDUCTIONS = ("none", "mean", "sum")
 #: The values of alpha a loss function accepts.
-ALPHA_RANGE = "[0, 1], or < 0 for no weighting"
+ALPHA_RANGE = (
+    "[0, 1], or < 0 for no weighting, or a 1-d floating tensor of one alpha in [0, 1] per class"
+)
+
+#: alpha: one float for every class, or a (K,) tensor of per-class alphas.
+Alpha = Union[float, Tensor]
 
 
-def is_valid_alpha(alpha: float) -> bool:
-    """Whether ``alpha`` weights positives by alpha and negatives by 1 - alpha, or is < 0."""
+def is_valid_alpha(alpha: Alpha) -> bool:
+    """
+    Whether ``alpha`` weights positives by alpha and negatives by 1 - alpha (a float in [0, 1],
+    or a 1-d floating tensor of per-class values in [0, 1]), or is a float < 0 (no weighting).
+    """
+    if isinstance(alpha, Tensor):
+        return (
+            alpha.dim() == 1
+            and alpha.is_floating_point()
+            and bool(((alpha >= 0) & (alpha <= 1)).all())
+        )
     return alpha <= 1 and not math.isnan(alpha)
 
 
-def _check_args(alpha: float, gamma: float, reduction: str, min_gamma_exclusive: bool = False):
+def _check_alpha(alpha: Alpha, num_classes: Optional[int] = None) -> None:
+    """Raise ValueError unless ``alpha`` is valid and, per class, has ``num_classes`` values."""
+    if not is_valid_alpha(alpha):
+        shown = alpha.tolist() if isinstance(alpha, Tensor) and alpha.numel() <= 100 else alpha
+        raise ValueError(f"alpha must be in {ALPHA_RANGE}; got {shown}.")
+    if isinstance(alpha, Tensor) and num_classes is not None and alpha.numel() != num_classes:
+        raise ValueError(
+            f"a per-class alpha must have one value per class: {num_classes} classes, got "
+            f"{alpha.numel()} alphas."
+        )
+
+
+def _check_args(
+    alpha: Alpha,
+    gamma: float,
+    reduction: str,
+    min_gamma_exclusive: bool = False,
+    num_classes: Optional[int] = None,
+):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
-    if not is_valid_alpha(alpha):
-        raise ValueError(f"alpha must be in {ALPHA_RANGE}; got {alpha}.")
+    _check_alpha(alpha, num_classes)
     if min_gamma_exclusive and not gamma > 0:
         raise ValueError(f"gamma must be > 0; got {gamma}.")
     if not gamma >= 0:
@@ -99,7 +132,14 @@ def _compute_dtype(inputs: Tensor) -> torch.dtype:
     return torch.float64 if inputs.dtype == torch.float64 else torch.float32
 
 
-def _alpha_t(targets: Tensor, alpha: float) -> Tensor:
+def _is_weighted(alpha: Alpha) -> bool:
+    return isinstance(alpha, Tensor) or alpha >= 0
+
+
+def _alpha_t(targets: Tensor, alpha: Alpha) -> Tensor:
+    # A per-class alpha (K,) broadcasts over the last (class) dimension of the targets.
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(targets)
     return alpha * targets + (1 - alpha) * (1 - targets)
 
 
@@ -109,7 +149,7 @@ def _alpha_t(targets: Tensor, alpha: float) -> Tensor:
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,
-    alpha: float = 0.25,
+    alpha: Alpha = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
 ) -> Tensor:
@@ -129,7 +169,8 @@ def sigmoid_focal_loss(
         targets: (*) the same shape as ``inputs``: 1 for a positive, 0 for a negative (soft
             targets in [0, 1] are accepted, as in fvcore).
         alpha: weight of the positives, 1 - alpha of the negatives, in [0, 1]; < 0 for no
-            weighting.
+            weighting; or a (K,) tensor of per-class alphas in [0, 1], K the size of the last
+            dimension (the classes).
         gamma: focusing parameter >= 0; 0 gives the (alpha-balanced) cross entropy.
         reduction: "none" | "mean" | "sum".
 
@@ -137,7 +178,7 @@ def sigmoid_focal_loss(
         The loss, of shape (*) for "none" and a scalar otherwise; float32 for float32 and
         half-precision inputs, float64 for float64 inputs.
     """
-    _check_args(alpha, gamma, reduction)
+    _check_args(alpha, gamma, reduction, num_classes=inputs.shape[-1] if inputs.dim() else 1)
     dtype = _compute_dtype(inputs)
     inputs = inputs.to(dtype)
     targets = targets.to(dtype)
@@ -151,7 +192,7 @@ def sigmoid_focal_loss(
         one_minus_p_t = targets * torch.sigmoid(-inputs) + (1 - targets) * torch.sigmoid(inputs)
         tiny = torch.finfo(dtype).tiny
         loss = loss * one_minus_p_t.clamp(min=tiny) ** gamma
-    if alpha >= 0:
+    if _is_weighted(alpha):
         loss = _alpha_t(targets, alpha) * loss
     return _reduce(loss, reduction)
 
@@ -159,7 +200,7 @@ def sigmoid_focal_loss(
 def sigmoid_focal_loss_with_labels(
     inputs: Tensor,
     labels: Tensor,
-    alpha: float = 0.25,
+    alpha: Alpha = 0.25,
     gamma: float = 2.0,
     reduction: str = "sum",
 ) -> Tensor:
@@ -181,7 +222,8 @@ def sigmoid_focal_loss_with_labels(
             negative of every class), and any negative value an ignored row (0 loss, 0
             gradient). A label above K is an error.
         alpha: weight of the positives, 1 - alpha of the negatives, in [0, 1]; < 0 for no
-            weighting.
+            weighting; or a (K,) tensor of per-class alphas in [0, 1]: element (i, k) is
+            weighted by alpha_k if labels[i] == k, else by 1 - alpha_k.
         gamma: focusing parameter >= 0; 0 gives the (alpha-balanced) cross entropy.
         reduction: "sum" (the default: RetinaNet's, which the caller normalises, e.g. by the
             number of foreground anchors), "mean" (the sum divided by K times the number of
@@ -192,7 +234,6 @@ def sigmoid_focal_loss_with_labels(
         float32 for half-precision and float32 logits (accumulated in float32), float64 for
         float64 logits. The gradient has the dtype of ``inputs``.
     """
-    _check_args(alpha, gamma, reduction)
     if not inputs.is_floating_point():
         raise TypeError(f"logits must be a floating tensor; got {inputs.dtype}.")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -206,6 +247,7 @@ def sigmoid_focal_loss_with_labels(
         raise ValueError(
             f"logits and labels must be on one device; got {inputs.device} and {labels.device}."
         )
+    _check_args(alpha, gamma, reduction, num_classes=inputs.shape[1])
     _check_labels(labels, inputs.shape[1])
     return fused_sigmoid_focal_loss(inputs, labels, alpha, gamma, reduction)
 
@@ -213,7 +255,7 @@ def sigmoid_focal_loss_with_labels(
 def focal_star_loss(
     inputs: Tensor,
     targets: Tensor,
-    alpha: float = 0.25,
+    alpha: Alpha = 0.25,
     gamma: float = 2.0,
     beta: float = 1.0,
     reduction: str = "none",
@@ -227,7 +269,8 @@ def focal_star_loss(
     Args:
         inputs: (*) float logits x of any shape (half precision is computed in float32).
         targets: (*) the same shape as ``inputs``: 1 for a positive, 0 for a negative.
-        alpha: weight of the positives, 1 - alpha of the negatives, in [0, 1]; < 0 for none.
+        alpha: weight of the positives, 1 - alpha of the negatives, in [0, 1]; < 0 for none;
+            or a (K,) tensor of per-class alphas, K the size of the last dimension.
         gamma: the scale of x_t, > 0.
         beta: the shift of gamma x_t.
         reduction: "none" | "mean" | "sum".
@@ -236,7 +279,13 @@ def focal_star_loss(
         The loss, of shape (*) for "none" and a scalar otherwise (float32 or float64 as for
         :func:`sigmoid_focal_loss`).
     """
-    _check_args(alpha, gamma, reduction, min_gamma_exclusive=True)
+    _check_args(
+        alpha,
+        gamma,
+        reduction,
+        min_gamma_exclusive=True,
+        num_classes=inputs.shape[-1] if inputs.dim() else 1,
+    )
     if inputs.shape != targets.shape:
         raise ValueError(
             f"targets must have the shape of inputs {tuple(inputs.shape)}; "
@@ -249,7 +298,7 @@ def focal_star_loss(
     x_t = inputs * (2 * targets - 1)
     # -log(sigmoid(z)) = softplus(-z), exact for any finite z.
     loss = -F.logsigmoid(gamma * x_t + beta) / gamma
-    if alpha >= 0:
+    if _is_weighted(alpha):
         loss = _alpha_t(targets, alpha) * loss
     return _reduce(loss, reduction)
 
@@ -257,7 +306,7 @@ def focal_star_loss(
 def softmax_focal_loss(
     inputs: Tensor,
     labels: Tensor,
-    alpha: float = 0.25,
+    alpha: Alpha = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
 ) -> Tensor:
@@ -272,7 +321,9 @@ def softmax_focal_loss(
             computed in float32).
         labels: (N,) int64 labels in [0, K]; K is background.
         alpha: weight of foreground labels (< K), 1 - alpha of background labels, in [0, 1];
-            < 0 for no weighting.
+            < 0 for no weighting; or a (K,) tensor of per-class alphas: alpha_k weights label
+            k, and background labels are weighted by 1 - mean(alpha), the mean negative weight
+            of a background anchor in the sigmoid losses (1 - alpha when all are equal).
         gamma: focusing parameter >= 0; 0 gives the (alpha-balanced) cross entropy.
         reduction: "none" | "mean" | "sum".
 
@@ -280,9 +331,9 @@ def softmax_focal_loss(
         The loss, of shape (N,) for "none" and a scalar otherwise (float32 or float64 as for
         :func:`sigmoid_focal_loss`).
     """
-    _check_args(alpha, gamma, reduction)
     if inputs.dim() != 2 or inputs.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, K + 1) with K >= 1; got {inputs.shape}.")
+    _check_args(alpha, gamma, reduction, num_classes=inputs.shape[1] - 1)
     if labels.shape != inputs.shape[:1] or labels.dtype != torch.int64:
         raise ValueError(
             f"labels must be int64 of shape ({inputs.shape[0]},); "
@@ -306,10 +357,35 @@ def softmax_focal_loss(
     loss = -F.logsigmoid(z)
     if gamma != 0:
         loss = loss * torch.exp(gamma * F.logsigmoid(-z))
-    if alpha >= 0:
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(loss)
+        foreground_alpha = alpha[labels.clamp(max=background - 1)]
+        loss = torch.where(labels == background, 1 - alpha.mean(), foreground_alpha) * loss
+    elif alpha >= 0:
         alpha_t = torch.where(labels == background, 1 - alpha, alpha)
         loss = alpha_t.to(loss.dtype) * loss
     return _reduce(loss, reduction)
+
+
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def _sigmoid_threshold_logit(score_thresh: float) -> float:
+    """
+    A value below logit(t) by more than the rounding of a float32 sigmoid near t (a few ulps
+    of t, i.e. a few eps / (1 - t) in logit space) and of the logit itself; -inf for t < 0
+    and +inf for t >= 1 (every score passes / none can).
+    """
+    if score_thresh < 0:
+        return -math.inf
+    if score_thresh >= 1:
+        return math.inf
+    if score_thresh == 0:
+        # sigmoid(x) > 0 down to x of about -104 in float32, and lower in float64.
+        return -math.inf
+    exact = math.log(score_thresh) - math.log1p(-score_thresh)
+    margin = 1e-4 * (1 + abs(exact)) + 64 * _FLOAT32_EPS / (1 - score_thresh)
+    return exact - margin
 
 
 # ----- the classification losses of RetinaNet, selectable by MODEL.FOCAL_RETINANET.CLS_LOSS_NAME
@@ -340,6 +416,18 @@ class ClassificationLoss(nn.Module):
     background_logit: bool = False
     normalize_by_num_foreground: bool = True
 
+    def _set_alpha(self, alpha: Alpha) -> None:
+        """
+        Keep ``alpha`` as ``self.alpha``: a float as it is, a per-class (K,) tensor as a
+        non-persistent buffer, which follows the module's device and stays out of the state
+        dict (whose keys are Detectron2's RetinaNet's).
+        """
+        _check_alpha(alpha)
+        if isinstance(alpha, Tensor):
+            self.register_buffer("alpha", alpha.detach().clone(), persistent=False)
+        else:
+            self.alpha = alpha
+
     @classmethod
     def num_logits(cls, num_classes: int) -> int:
         """Number of classification logits per anchor for ``num_classes`` object classes."""
@@ -353,6 +441,22 @@ class ClassificationLoss(nn.Module):
             (..., K) per-class probabilities.
         """
         return logits.sigmoid()
+
+    def score_threshold_logit(self, score_thresh: float) -> Optional[float]:
+        """
+        A logit threshold for a score threshold, so that inference can skip scoring the many
+        anchors that cannot pass: every logit x with ``predict_scores(x) > score_thresh`` has
+        x > the returned value, for scores computed in float32 or float64. It lies a margin
+        below the exact threshold to absorb the rounding of the score function, so a caller
+        re-checks the scores of the logits above it. Only for an elementwise, increasing score
+        function: None (score every logit) otherwise.
+
+        The base class's is that of its sigmoid; a subclass that overrides ``predict_scores``
+        gets None unless it overrides this method too.
+        """
+        if type(self).predict_scores is not ClassificationLoss.predict_scores:
+            return None
+        return _sigmoid_threshold_logit(score_thresh)
 
     def initial_logit_bias(self, num_classes: int, prior_prob: float) -> Tensor:
         """
@@ -391,20 +495,21 @@ class SigmoidFocalLoss(ClassificationLoss):
     """The paper's focal loss FL = -alpha_t (1 - p_t)^gamma log(p_t), one sigmoid per class."""
 
     @configurable
-    def __init__(self, *, alpha: float = 0.25, gamma: float = 2.0):
+    def __init__(self, *, alpha: Alpha = 0.25, gamma: float = 2.0):
         """
         Args:
-            alpha: weight of the positives (1 - alpha for negatives); < 0 for no weighting.
+            alpha: weight of the positives (1 - alpha for negatives); < 0 for no weighting; or a
+                (K,) tensor of per-class alphas.
             gamma: focusing parameter; 0 gives (alpha-balanced) cross entropy.
         """
         super().__init__()
-        self.alpha = alpha
+        self._set_alpha(alpha)
         self.gamma = gamma
 
     @classmethod
     def from_config(cls, cfg):
         return {
-            "alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
+            "alpha": class_alpha_from_config(cfg),
             "gamma": cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
         }
 
@@ -425,16 +530,17 @@ class BalancedCrossEntropyLoss(SigmoidFocalLoss):
     """The alpha-balanced cross entropy of Table 1a: the focal loss with gamma = 0."""
 
     @configurable
-    def __init__(self, *, alpha: float = 0.75):
+    def __init__(self, *, alpha: Alpha = 0.75):
         """
         Args:
-            alpha: weight of the positives (1 - alpha for negatives); < 0 for no weighting.
+            alpha: weight of the positives (1 - alpha for negatives); < 0 for no weighting; or a
+                (K,) tensor of per-class alphas.
         """
         super().__init__(alpha=alpha, gamma=0.0)
 
     @classmethod
     def from_config(cls, cfg):
-        return {"alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA}
+        return {"alpha": class_alpha_from_config(cfg)}
 
 
 @FOCAL_CLS_LOSS_REGISTRY.register()
@@ -442,20 +548,21 @@ class FocalStarLoss(ClassificationLoss):
     """FL* of Appendix A: p_t* = sigmoid(gamma x_t + beta), FL* = -log(p_t*) / gamma."""
 
     @configurable
-    def __init__(self, *, alpha: float = 0.25, gamma: float = 2.0, beta: float = 1.0):
+    def __init__(self, *, alpha: Alpha = 0.25, gamma: float = 2.0, beta: float = 1.0):
         """
         Args:
-            alpha: as for the focal loss; gamma, beta: the parameters of FL*.
+            alpha: as for the focal loss (a float, or a (K,) tensor of per-class alphas);
+                gamma, beta: the parameters of FL*.
         """
         super().__init__()
-        self.alpha = alpha
+        self._set_alpha(alpha)
         self.gamma = gamma
         self.beta = beta
 
     @classmethod
     def from_config(cls, cfg):
         return {
-            "alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
+            "alpha": class_alpha_from_config(cfg),
             "gamma": cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
             "beta": cfg.MODEL.FOCAL_RETINANET.FOCAL_STAR_BETA,
         }
@@ -463,6 +570,15 @@ class FocalStarLoss(ClassificationLoss):
     def predict_scores(self, logits: Tensor) -> Tensor:
         # The model's probability of a positive is p* for y = 1.
         return torch.sigmoid(self.gamma * logits + self.beta)
+
+    def score_threshold_logit(self, score_thresh: float) -> Optional[float]:
+        # sigmoid(gamma x + beta) > t for gamma x + beta > logit(t); gamma x + beta rounds by a
+        # few ulps of its terms, hence the extra margin.
+        z = _sigmoid_threshold_logit(score_thresh)
+        if math.isinf(z):
+            return z
+        margin = 8 * _FLOAT32_EPS * (abs(z) + abs(self.beta))
+        return (z - margin - self.beta) / self.gamma
 
     def initial_logit_bias(self, num_classes: int, prior_prob: float) -> Tensor:
         # p* = sigmoid(gamma x + beta) = pi.
@@ -481,25 +597,30 @@ class SoftmaxFocalLoss(ClassificationLoss):
     background_logit = True
 
     @configurable
-    def __init__(self, *, alpha: float = 0.25, gamma: float = 2.0):
+    def __init__(self, *, alpha: Alpha = 0.25, gamma: float = 2.0):
         """
         Args:
-            alpha: weight of the foreground labels (1 - alpha for background); < 0 for none.
+            alpha: weight of the foreground labels (1 - alpha for background); < 0 for none;
+                or a (K,) tensor of per-class alphas (background: 1 - their mean).
             gamma: focusing parameter.
         """
         super().__init__()
-        self.alpha = alpha
+        self._set_alpha(alpha)
         self.gamma = gamma
 
     @classmethod
     def from_config(cls, cfg):
         return {
-            "alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
+            "alpha": class_alpha_from_config(cfg),
             "gamma": cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
         }
 
     def predict_scores(self, logits: Tensor) -> Tensor:
         return logits.softmax(dim=-1)[..., :-1]
+
+    def score_threshold_logit(self, score_thresh: float) -> Optional[float]:
+        # A class's softmax score depends on all logits of its anchor: no elementwise threshold.
+        return None
 
     def initial_logit_bias(self, num_classes: int, prior_prob: float) -> Tensor:
         # Background 1 - pi, each class pi / K; with K = 1 this is the sigmoid initialisation.
