@@ -2,17 +2,21 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import focal_det2
 from focal_det2 import FocalRetinaNet
+from focal_det2.modeling.losses import build_cls_loss
+from focal_det2.modeling.postprocess import dense_detections
 
 # float32 sums of ~10^5 terms in a different order: relative differences of a few 1e-6.
 LOSS_RTOL = 1e-5
@@ -48,7 +52,7 @@ def build_pair(norm="", channels_last=True, box_reg_loss_type="smooth_l1"):
     cfg = cfg.clone()
     focal_det2.add_focal_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
-    cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST = channels_last
+    cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST = "on" if channels_last else "off"
     ours = build_model(cfg)
     assert type(reference) is RetinaNet and type(ours) is FocalRetinaNet
     with torch.no_grad():
@@ -130,7 +134,7 @@ def test_iou_box_losses_match_detectron2(box_reg_loss_type):
 
 def test_channels_last_is_only_a_memory_format():
     """
-    The default CHANNELS_LAST changes no value: in float64 (where summation order does not
+    CHANNELS_LAST changes no value: in float64 (where summation order does not
     matter) the losses and gradients equal those of the contiguous model. In float32 the
     gradients of this randomly initialised, unnormalised R50 differ from float64 by up to ~1%
     in either format, which is why the parity tests compare models of the same format.
@@ -156,21 +160,108 @@ def test_channels_last_is_only_a_memory_format():
         assert error <= 1e-10 * grad.abs().max().item(), (name, error)
 
 
-def test_detections_match_detectron2():
-    reference, ours = build_pair()
+def spread_classifier(reference, ours, batch):
+    """
+    Classifier weights giving logits of about N(-4, 1.7) on ``batch``: thousands of candidates
+    above the score threshold on each level (so that the per-level top-k selects) and
+    unsaturated scores (saturated ones tie, and ties make the order arbitrary).
+    """
+    torch.manual_seed(2)
+    cls_score = reference.head.cls_score
+    with torch.no_grad():
+        features = reference.backbone(reference.preprocess_image(batch).tensor)
+        subnet = reference.head.cls_subnet(features[reference.head_in_features[0]])
+        fan_in = cls_score.weight[0].numel()
+        cls_score.weight.normal_(0, 1.7 / (subnet.pow(2).mean().sqrt().item() * fan_in**0.5))
+        cls_score.bias.fill_(-4.0)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+
+
+def canonical(instances):
+    """Detections ordered by descending score, then class and box: the same set, one order."""
+    boxes = instances.pred_boxes.tensor.numpy()
+    order = np.lexsort((*boxes.T[::-1], instances.pred_classes.numpy(), -instances.scores.numpy()))
+    return instances[torch.from_numpy(order)]
+
+
+@pytest.mark.parametrize(
+    "norm, batched", [("", True), ("GN", False)], ids=["one_batch", "GN-one_image_each"]
+)
+def test_detections_match_detectron2(norm, batched):
+    reference, ours = build_pair(norm)
     batch = [{k: v for k, v in x.items() if k != "instances"} for x in make_batch()]
+    reference.eval()
+    spread_classifier(reference, ours, batch)
+    calls = [batch] if batched else [[x] for x in batch]
     outputs = []
     for model in (reference, ours):
         model.eval()
         with torch.no_grad():
-            outputs.append([x["instances"] for x in model(copy.deepcopy(batch))])
-    num_detections = 0
+            outputs.append([x["instances"] for call in calls for x in model(copy.deepcopy(call))])
     for ref, our in zip(*outputs):
         assert our.image_size == ref.image_size
+        ref, our = canonical(ref), canonical(our)
         assert torch.equal(our.pred_classes, ref.pred_classes)
-        torch.testing.assert_close(our.scores, ref.scores, atol=SCORE_ATOL, rtol=0)
-        torch.testing.assert_close(
-            our.pred_boxes.tensor, ref.pred_boxes.tensor, atol=BOX_ATOL, rtol=0
-        )
-        num_detections += len(ref)
-    assert num_detections > 0
+        # The same float32 operations on the same values: equal, not only close.
+        assert torch.equal(our.scores, ref.scores)
+        assert torch.equal(our.pred_boxes.tensor, ref.pred_boxes.tensor)
+        assert len(ref) > 0
+
+
+def loss_named(name):
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    cfg.MODEL.FOCAL_RETINANET.CLS_LOSS_NAME = name
+    return build_cls_loss(cfg)
+
+
+@pytest.mark.parametrize("thresh", [0.05, 0.3, 0.9])
+@pytest.mark.parametrize("name", ["SigmoidFocalLoss", "FocalStarLoss"])
+def test_score_threshold_logit_lets_every_passing_score_through(name, thresh):
+    # Every float32 logit within 1e5 ulps of the threshold, and far ones.
+    loss = loss_named(name)
+    x_t = loss.score_threshold_logit(thresh)
+    exact = torch.tensor(x_t, dtype=torch.float32)
+    logits = torch.cat(
+        [exact + torch.arange(-100_000, 100_000) * 1e-7, torch.linspace(-30, 30, 10_001)]
+    )
+    passing = loss.predict_scores(logits) > thresh
+    assert passing.any() and not passing.all()
+    assert (logits[passing] > x_t).all()
+    # The margin is small: a logit 1e-3 above the threshold passes.
+    assert loss.predict_scores(torch.tensor(x_t + 1e-3)) > thresh
+
+
+@pytest.mark.parametrize("name", ["SigmoidFocalLoss", "FocalStarLoss", "SoftmaxFocalLoss"])
+def test_logit_threshold_detections_equal_scoring_every_anchor(name, monkeypatch):
+    """dense_detections with the logit threshold returns what scoring every logit returns."""
+    g = torch.Generator().manual_seed(0)
+    loss = loss_named(name)
+    num_images, num_classes = 2, 5
+    sizes = [4000, 900, 60]  # anchors per level: the first one has more candidates than top-k
+    logits = [
+        torch.randn(num_images, r, loss.num_logits(num_classes), generator=g) * 2 - 2 for r in sizes
+    ]
+    deltas = [torch.randn(num_images, r, 4, generator=g) * 0.2 for r in sizes]
+    anchors = []
+    for r in sizes:
+        xy = torch.rand(r, 2, generator=g) * 200
+        anchors.append(torch.cat([xy, xy + 8 + torch.rand(r, 2, generator=g) * 60], dim=1))
+    kwargs = dict(
+        cls_loss=loss,
+        box2box_transform=Box2BoxTransform((1.0, 1.0, 1.0, 1.0)),
+        score_thresh=0.05,
+        topk_candidates=1000,
+        nms_thresh=0.5,
+        max_detections_per_image=100,
+    )
+    fast = dense_detections(logits, deltas, anchors, **kwargs)
+    monkeypatch.setattr(type(loss), "score_threshold_logit", lambda self, t: None)
+    every = dense_detections(logits, deltas, anchors, **kwargs)
+    for a, b in zip(fast, every):
+        assert torch.equal(a, b)
+    boxes, scores, classes, image = fast
+    assert (torch.bincount(image, minlength=num_images) == 100).all()  # the cap was reached
+    # Per image, by descending score.
+    for i in range(num_images):
+        assert (scores[image == i].diff() <= 0).all()

@@ -1,6 +1,6 @@
 """The FocalRetinaNet meta-architecture."""
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .heads import FOCAL_HEAD_REGISTRY, build_focal_head
 from .losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
+from .postprocess import dense_detections
 
 __all__ = ["FocalRetinaNet", "check_focal_config"]
 
@@ -247,16 +248,50 @@ class FocalRetinaNet(RetinaNet):
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
     ) -> List[Instances]:
-        # Detectron2's, with the scores of the classification loss instead of a sigmoid.
+        """
+        Detectron2's RetinaNet detections, through :func:`dense_detections` (all images at once,
+        thresholding in logit space, decoding only the kept candidates).
+
+        Returns:
+            list[Instances]: per image, "pred_boxes", "scores" and "pred_classes" in the
+            coordinates of the (resized, unpadded) input image, by descending score.
+        """
+        boxes, scores, classes, image_index = self.detect(features, predictions)
+        counts = torch.bincount(image_index, minlength=len(images)).tolist()
+        return [
+            Instances(size, pred_boxes=Boxes(b), scores=s, pred_classes=c)
+            for size, b, s, c in zip(
+                images.image_sizes, boxes.split(counts), scores.split(counts), classes.split(counts)
+            )
+        ]
+
+    def detect(
+        self, features: List[Tensor], predictions: List[List[Tensor]]
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """
+        The detections of a batch from the head's outputs; traceable by ``torch.export``.
+
+        Args:
+            features: #lvl feature maps (N, C, Hi, Wi) the head ran on (for the anchors).
+            predictions: the head's outputs: logits (N, A*L, Hi, Wi) and deltas (N, A*4, Hi, Wi)
+                per level.
+
+        Returns:
+            (boxes, scores, classes, image_index), (D, 4), (D,), (D,), (D,), ordered by image
+            and then by descending score: see :func:`dense_detections`.
+        """
         pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
             predictions, [self.num_classes, 4]
         )
-        anchors = self.anchor_generator(features)
-        results = []
-        for img_idx, image_size in enumerate(images.image_sizes):
-            scores_per_image = [self.cls_loss.predict_scores(x[img_idx]) for x in pred_logits]
-            deltas_per_image = [x[img_idx] for x in pred_anchor_deltas]
-            results.append(
-                self.inference_single_image(anchors, scores_per_image, deltas_per_image, image_size)
-            )
-        return results
+        anchors = [x.tensor for x in self.anchor_generator(features)]
+        return dense_detections(
+            pred_logits,
+            pred_anchor_deltas,
+            anchors,
+            cls_loss=self.cls_loss,
+            box2box_transform=self.box2box_transform,
+            score_thresh=self.test_score_thresh,
+            topk_candidates=self.test_topk_candidates,
+            nms_thresh=self.test_nms_thresh,
+            max_detections_per_image=self.max_detections_per_image,
+        )

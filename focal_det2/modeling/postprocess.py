@@ -1,0 +1,150 @@
+"""
+RetinaNet's post-processing, from the head's dense predictions to detections: one
+implementation for eager inference (:meth:`FocalRetinaNet.forward_inference`) and for the
+exported graph (:mod:`focal_det2.export`).
+
+It returns Detectron2's ``RetinaNet`` detections (per level: scores above the threshold, the
+top-k of them; then per-class NMS and the per-image cap), computed for all images at once and
+with less work:
+
+- when the classification loss has a logit threshold for its score function
+  (:meth:`ClassificationLoss.score_threshold_logit`), anchors are compared to it in logit
+  space and only the candidates above it are scored; their scores are then compared to the
+  score threshold itself, so the result equals scoring every anchor;
+- top-k and the detection cap are one sort over the candidates of all images and levels;
+- only the kept candidates are decoded into boxes.
+
+Everything is tensor operations without data-dependent Python control flow, so that
+``torch.export`` traces it with dynamic image sizes.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from detectron2.modeling.box_regression import Box2BoxTransform
+from torch import Tensor
+from torchvision.ops import batched_nms, nms
+
+from .losses import ClassificationLoss
+
+__all__ = ["dense_detections"]
+
+
+def dense_detections(
+    logits: List[Tensor],
+    deltas: List[Tensor],
+    anchors: List[Tensor],
+    *,
+    cls_loss: ClassificationLoss,
+    box2box_transform: Box2BoxTransform,
+    score_thresh: float,
+    topk_candidates: int,
+    nms_thresh: float,
+    max_detections_per_image: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """
+    Detections of N images from the head's predictions on #lvl feature levels.
+
+    Args:
+        logits: #lvl tensors (N, Ri, L): the classification logits of the Ri anchors of level i.
+        deltas: #lvl tensors (N, Ri, 4): the box-regression deltas of the same anchors.
+        anchors: #lvl tensors (Ri, 4): the anchors, XYXY, shared by the images.
+        cls_loss: turns logits into (N, Ri, K) scores and gives the logit threshold.
+        box2box_transform: decodes deltas into boxes.
+        score_thresh: a candidate's score must be above this.
+        topk_candidates: candidates kept per level and image, the highest scores.
+        nms_thresh: IoU of the per-class NMS.
+        max_detections_per_image: detections kept per image after NMS, the highest scores.
+
+    Returns:
+        (boxes, scores, classes, image_index) of the D detections of all images: (D, 4) XYXY
+        in the coordinates of the anchors, (D,), (D,) int64 class ids and (D,) int64 image ids,
+        ordered by image and then by descending score.
+    """
+    num_images, num_levels = logits[0].shape[0], len(logits)
+    logit_thresh = cls_loss.score_threshold_logit(score_thresh)
+    candidates: List[Tuple[Tensor, ...]] = []
+    first_anchor = 0
+    for level, logits_i in enumerate(logits):
+        if logit_thresh is None:
+            scores_i = cls_loss.predict_scores(logits_i)
+            num_classes = scores_i.shape[-1]
+            scores_i = scores_i.flatten(1)  # (N, Ri * K)
+            image, index = (scores_i > score_thresh).nonzero(as_tuple=True)
+            score = scores_i[image, index]
+        else:
+            num_classes = logits_i.shape[-1]
+            flat = logits_i.flatten(1)
+            image, index = (flat > logit_thresh).nonzero(as_tuple=True)
+            # An elementwise score function: the scores of the candidates alone.
+            score = cls_loss.predict_scores(flat[image, index])
+        # Row-major (anchor, class) order within an image, as Detectron2 enumerates candidates.
+        anchor = torch.div(index, num_classes, rounding_mode="floor") + first_anchor
+        candidates.append((image, anchor, index % num_classes, score, image * num_levels + level))
+        first_anchor += logits_i.shape[1]
+    image, anchor, classes, scores, segment = (torch.cat(x) for x in zip(*candidates))
+
+    # The logit threshold lets through a margin of candidates whose score is not above the
+    # threshold: they rank last and are dropped.
+    passed = scores > score_thresh
+    keep = _top_k_per_segment(
+        segment, scores, topk_candidates, num_images * num_levels, valid=passed
+    )
+    image, anchor, classes, scores = image[keep], anchor[keep], classes[keep], scores[keep]
+    boxes = box2box_transform.apply_deltas(
+        torch.cat(deltas, dim=1)[image, anchor], torch.cat(anchors)[anchor]
+    )
+
+    # One per-class NMS for all images: the groups are (image, class) pairs.
+    keep = _batched_nms(boxes, scores, image * num_classes + classes, nms_thresh)
+    keep = keep[_top_k_per_segment(image[keep], scores[keep], max_detections_per_image, num_images)]
+    return boxes[keep], scores[keep], classes[keep], image[keep]
+
+
+def _batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float) -> Tensor:
+    """
+    torchvision's ``batched_nms`` (Detectron2's): NMS within each group, kept indices by
+    descending score. It picks its algorithm by the number of boxes, a data-dependent branch
+    ``torch.export`` cannot trace; when exporting, its algorithm for up to 1,000 boxes on CPU
+    (NMS of boxes shifted apart by group) is traced for any number of boxes.
+    """
+    if not torch.compiler.is_exporting():
+        return batched_nms(boxes, scores, groups, iou_thresh)
+    # torchvision's shift, max coordinate + 1 per group id; the zero keeps max() defined
+    # without boxes.
+    max_coordinate = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+    shifted = boxes + (groups.to(boxes) * (max_coordinate + 1))[:, None]
+    return nms(shifted, scores, iou_thresh)
+
+
+def _top_k_per_segment(
+    segment: Tensor, scores: Tensor, k: int, num_segments: int, valid: Optional[Tensor] = None
+) -> Tensor:
+    """
+    Indices of the k highest scores of each segment.
+
+    Args:
+        segment: (M,) int64 segment ids in [0, num_segments).
+        scores: (M,) scores.
+        k: how many to keep per segment.
+        num_segments: the number of segments.
+        valid: (M,) bool, or None: only valid entries are kept, and they rank first.
+
+    Returns:
+        (M',) int64 indices into the M entries, ordered by segment and then by descending score
+        (ties in the order of the entries).
+    """
+    if valid is not None:
+        scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
+    order = scores.sort(descending=True, stable=True).indices
+    order = order[segment[order].sort(stable=True).indices]
+    segment = segment[order]
+    # Rank within the segment: position minus the segment's first position.
+    counts = (segment[:, None] == torch.arange(num_segments, device=segment.device)).sum(0)
+    rank = (
+        torch.arange(segment.shape[0], device=segment.device) - (counts.cumsum(0) - counts)[segment]
+    )
+    selected = rank < k
+    if valid is not None:
+        selected &= valid[order]
+    return order[selected]
