@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from focal_det2.data import register_coco_datasets
 from focal_det2.paper import (
     collect_samples,
     cumulative_loss_curve,
@@ -46,19 +45,13 @@ def dataset_opts():
     return ["DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)"]
 
 
-def run_sweep_cli(tiny_coco, output):
-    return subprocess.run(
-        [sys.executable, "-m", "focal_det2.paper", "sweep", "--config-file"]
-        + [str(REPO / "configs" / "demo.yaml"), "--output", str(output)]
+def sweep_argv(tiny_coco, output):
+    return (
+        ["sweep", "--config-file", str(REPO / "configs" / "demo.yaml"), "--output", str(output)]
         + GRID
         + datasets(tiny_coco)
         + dataset_opts()
-        + SMALL,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=900,
+        + SMALL
     )
 
 
@@ -66,7 +59,14 @@ def run_sweep_cli(tiny_coco, output):
 def sweep(tiny_coco, tmp_path_factory):
     """A 2 x 1 sweep of 5-iteration runs: its folder and output."""
     output = tmp_path_factory.mktemp("sweep")
-    result = run_sweep_cli(tiny_coco, output)
+    result = subprocess.run(
+        [sys.executable, "-m", "focal_det2.paper", *sweep_argv(tiny_coco, output)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     return output, result.stdout
 
@@ -93,14 +93,14 @@ def test_sweep_writes_a_row_per_run(sweep):
     assert (output / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sweep_rerun_keeps_finished_runs(sweep, tiny_coco):
+def test_sweep_rerun_keeps_finished_runs(sweep, tiny_coco, capsys):
     output, _ = sweep
     markers = [output / run / "results.json" for run in RUNS]
     before = [marker.stat().st_mtime_ns for marker in markers]
-    result = run_sweep_cli(tiny_coco, output)
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert result.stdout.count(", kept") == 2
-    assert ": training (log:" not in result.stdout
+    assert main(sweep_argv(tiny_coco, output)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(", kept") == 2
+    assert ": training (log:" not in printed
     assert [marker.stat().st_mtime_ns for marker in markers] == before
     assert len((output / "table.md").read_text().splitlines()) == 4
 
@@ -172,7 +172,7 @@ def test_grid_and_run_names():
             parse_set(bad)
 
 
-def test_bad_input_names_the_key_and_starts_nothing(tiny_coco, tmp_path):
+def test_bad_input_names_the_key_and_starts_nothing(tmp_path):
     config = str(REPO / "configs" / "demo.yaml")
     with pytest.raises(SystemExit, match="MODEL.RETINANET.NO_SUCH_KEY"):
         main(["sweep", "--config-file", config, "--output", str(tmp_path / "s")]
@@ -182,10 +182,16 @@ def test_bad_input_names_the_key_and_starts_nothing(tiny_coco, tmp_path):
         main(["figure4", "--config-file", config, "--output", str(tmp_path / "f")]
              + ["MODEL.WEIGHTS", str(tmp_path / "missing.pth")])  # fmt: skip
     assert not (tmp_path / "f").exists()
-    register_coco_datasets([("tiny_val", *tiny_coco["val"])])
+    with pytest.raises(SystemExit, match="MODEL.RETINANET.PRIOR_PROB"):
+        main(["sweep", "--config-file", config, "--output", str(tmp_path / "s")]
+             + ["--set", "MODEL.RETINANET.PRIOR_PROB=0.01,1.5"])  # fmt: skip
+    assert not (tmp_path / "s").exists()
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"not a checkpoint")
+    figure4 = ["figure4", "--config-file", config, "--output", str(tmp_path / "f")]
     with pytest.raises(SystemExit, match="CLS_LOSS_NAME"):
-        weights = tmp_path / "w.pth"
-        weights.write_bytes(b"")
-        main(["figure4", "--config-file", config, "--output", str(tmp_path / "f")]
-             + ["MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SoftmaxFocalLoss"]
+        main(figure4 + ["MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SoftmaxFocalLoss"]
              + ["MODEL.WEIGHTS", str(weights)])  # fmt: skip
+    with pytest.raises(SystemExit, match="MODEL.WEIGHTS: cannot load .*w.pth"):
+        main(figure4 + ["MODEL.WEIGHTS", str(weights)])
+    assert not (tmp_path / "f").exists()

@@ -13,6 +13,7 @@ removes.
 import csv
 import io
 import os
+import pickle
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
@@ -225,7 +226,10 @@ def run_figure4(
         raise ValueError(f"MODEL.WEIGHTS: checkpoint file not found: {cfg.MODEL.WEIGHTS!r}")
     model = build_model(cfg)
     _check_sigmoid_model(model, cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    try:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"MODEL.WEIGHTS: cannot load {cfg.MODEL.WEIGHTS}: {e}") from e
     model.eval()
     positives, negatives = collect_samples(model, labelled_test_loader(cfg, max_images))
     samples = {"positives": positives, "negatives": negatives}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..file_io import atomic_write
+from ..modeling import check_focal_config
 from .config import load_config
 
 __all__ = [
@@ -135,22 +136,31 @@ def _coco_box_results(metrics_file: Path) -> Optional[Dict[str, float]]:
     return None
 
 
-def _parse_duration(text: str) -> Optional[float]:
-    # Detectron2's IterationTimer: "Total training time: 0:03:12 (0:00:02 on hooks)".
-    match = re.search(r"Total training time: (?:(\d+) days?, )?(\d+):(\d\d):(\d\d)", text)
-    if not match:
+def _training_time(run_dir: Path) -> Optional[float]:
+    # Detectron2's IterationTimer ends each training attempt with "Total training time: 0:03:12
+    # (0:00:02 on hooks)" in OUTPUT_DIR/log.txt, which every attempt appends to: the sum is the
+    # time spent over all attempts that ended (a resumed run only trains its remaining steps).
+    try:
+        text = (run_dir / "log.txt").read_text(errors="replace")
+    except OSError:
         return None
-    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    pattern = r"Total training time: (?:(\d+) days?, )?(\d+):(\d\d):(\d\d)"
+    durations = [
+        ((int(d or 0) * 24 + int(h)) * 60 + int(m)) * 60 + int(sec)
+        for d, h, m, sec in re.findall(pattern, text)
+    ]
+    return float(sum(durations)) if durations else None
 
 
 def _divergence_iteration(output: str) -> Optional[int]:
     # train_net.py: "training stopped, the last checkpoint is intact: Loss became infinite or
-    # NaN at iteration=N!".
-    match = re.search(
-        r"training stopped.*?(?:infinite|NaN|non-finite).*?iteration\D{0,3}(\d+)", output
-    )
-    return int(match.group(1)) if match else None
+    # NaN at iteration=N!" (Detectron2's check of the loss, before the optimizer step).
+    for line in output.splitlines():
+        if "training stopped" in line and re.search(r"NaN|infinite|non-finite", line):
+            match = re.search(r"iteration\W{0,3}(\d+)", line)
+            if match:
+                return int(match.group(1))
+    return None
 
 
 def _train(command: List[str], log_file: Path) -> Tuple[int, str, float]:
@@ -195,7 +205,7 @@ def run_one(
         "opts": list(opts),
         "overrides": [list(pair) for pair in overrides],
         "returncode": returncode,
-        "train_time_s": _parse_duration(output),
+        "train_time_s": _training_time(run_dir),
         "wall_time_s": round(wall_time, 1),
     }
     box = _coco_box_results(run_dir / "metrics.json") if returncode == 0 else None
@@ -261,8 +271,8 @@ def _note(name: str, results: dict) -> str:
 def write_table(output_dir: Path, runs: List[Tuple[str, dict]]) -> str:
     """
     Write ``table.md``: one row per run, its override values, box AP, AP50, AP75, training time
-    (Detectron2's "Total training time"; the subprocess's wall time when training stopped
-    early) and a note for diverged or failed runs. Returns the table.
+    (Detectron2's "Total training time" summed over the run's attempts; the last attempt's wall
+    time where none was logged) and a note for diverged or failed runs. Returns the table.
     """
     keys = _keys(runs)
     header = keys + ["AP", "AP50", "AP75", "training time", "note"]
@@ -337,7 +347,9 @@ def run_sweep(
     """
     grid = expand_grid(sets)
     for overrides in grid:
-        load_config(config_file, [*opts, *(x for pair in overrides for x in pair)])
+        check_focal_config(
+            load_config(config_file, [*opts, *(x for pair in overrides for x in pair)])
+        )
     names = [run_name(overrides) for overrides in grid]
     if len(set(names)) != len(names):
         raise ValueError(f"--set: two grid points have the same folder name: {names}")
