@@ -28,7 +28,9 @@ __all__ = [
     "collect_results",
     "expand_grid",
     "parse_set",
+    "plot_sweep",
     "run_name",
+    "run_one",
     "run_sweep",
     "write_table",
 ]
