@@ -311,6 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if name in written:
                 raise ValueError(f"same file name as {written[name]}, whose output is {name}")
             out_path = os.path.join(args.output, name)
+            if os.path.exists(out_path) and os.path.samefile(out_path, path):
+                raise ValueError("its output would overwrite it: choose another --output")
             if ext in VIDEO_CODECS:
                 detections.extend(_predict_video(detector, path, out_path))
             else:

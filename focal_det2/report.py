@@ -192,7 +192,7 @@ def plot_pr_curves(
 
 
 def plot_val_detections(
-    pairs: Sequence[Tuple[np.ndarray, np.ndarray]], path: str, tile: int = 256
+    pairs: Sequence[Tuple[np.ndarray, np.ndarray]], path: str, tile: int = 192
 ) -> None:
     """
     Write (prediction, ground truth) image pairs as a PNG mosaic, two pairs per row, each image
