@@ -14,10 +14,14 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from focal_det2 import add_focal_config
+from focal_det2.anchor_coverage import log_anchor_coverage
 from focal_det2.data import DatasetValidationError, register_coco_datasets, validate_datasets
 from focal_det2.engine import FocalTrainer as Trainer
+from focal_det2.lint import ConfigLintError, check_config
 
 logger = logging.getLogger("focal_det2")
 
@@ -50,12 +54,18 @@ def setup(args):
         validate_datasets(cfg)
     except DatasetValidationError as e:
         sys.exit(f"train_net.py: {e}")
+    # NUM_CLASSES against the data, keys RetinaNet ignores (warnings).
+    try:
+        check_config(cfg)
+    except ConfigLintError as e:
+        sys.exit(f"train_net.py: invalid config: {e}")
     return cfg
 
 
 def main(args):
     cfg = setup(args)
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det2")
     logger.info("Running on %s", cfg.MODEL.DEVICE)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -63,6 +73,8 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
+    if comm.is_main_process():
+        log_anchor_coverage(cfg)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     try:

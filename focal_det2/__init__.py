@@ -7,6 +7,7 @@ classification losses, and the embedded demo datasets (``focal_demo_train``/``fo
 
 from .config import add_focal_config
 from .data import register_demo_datasets
+from .lint import check_config
 from .modeling import (
     FOCAL_CLS_LOSS_REGISTRY,
     FOCAL_HEAD_REGISTRY,
@@ -23,5 +24,6 @@ __all__ = [
     "FocalRetinaNet",
     "add_focal_config",
     "build_cls_loss",
+    "check_config",
     "build_focal_head",
 ]
