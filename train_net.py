@@ -6,6 +6,7 @@ Train and evaluate FocalRetinaNet with Detectron2's trainer.
     python train_net.py --config-file configs/demo.yaml --eval-only MODEL.WEIGHTS model.pth
 """
 
+import contextlib
 import logging
 import os
 import sys
@@ -16,12 +17,15 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
 from focal_det2 import add_focal_config
 from focal_det2.anchor_coverage import log_anchor_coverage
 from focal_det2.data import DatasetValidationError, register_coco_datasets, validate_datasets
 from focal_det2.engine import FocalTrainer as Trainer
 from focal_det2.lint import ConfigLintError, check_config
+from focal_det2.engine import TrainingStopped, forward_stop_signals
+from focal_det2.weights import WeightsError, load_weights
 
 logger = logging.getLogger("focal_det2")
 
@@ -47,6 +51,8 @@ def setup(args):
         sys.exit(f"train_net.py: invalid config ({args.config_file}, command line): {e}")
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        sys.exit("train_net.py: SOLVER.AMP.ENABLED needs CUDA (Detectron2's AMPTrainer)")
     cfg.freeze()
     # Before default_setup creates OUTPUT_DIR: with the "error" policy, a bad dataset leaves
     # nothing behind.
@@ -67,20 +73,25 @@ def main(args):
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det2")
     logger.info("Running on %s", cfg.MODEL.DEVICE)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        return Trainer.test(cfg, model)
-    if comm.is_main_process():
-        log_anchor_coverage(cfg)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
     try:
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            resume = args.resume and checkpointer.has_checkpoint()
+            load_weights(model, checkpointer.get_checkpoint_file() if resume else cfg.MODEL.WEIGHTS)
+            return Trainer.test(cfg, model)
+        if comm.is_main_process():
+            log_anchor_coverage(cfg)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
         return trainer.train()
+    except WeightsError as e:
+        sys.exit(f"train_net.py: {e}")
     except FloatingPointError as e:  # a non-finite loss, found before the optimizer step
         sys.exit(f"train_net.py: training stopped, the last checkpoint is intact: {e}")
+    except TrainingStopped as e:
+        print(f"train_net.py: {e.message}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def argument_parser():
@@ -101,13 +112,19 @@ if __name__ == "__main__":
     # Fail here, once, before any worker process starts. One process needs no such check:
     # launch() runs main() in this process, and a second setup() in it would register the
     # command line's datasets again over those that the "skip" policy re-registered.
-    if args.num_gpus * args.num_machines > 1:
+    multi_process = args.num_gpus * args.num_machines > 1
+    if multi_process:
         setup(args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        with forward_stop_signals() if multi_process else contextlib.nullcontext():
+            launch(
+                main,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
+    except ProcessExitedException as e:  # the process printed why; its status is passed on
+        print(f"train_net.py: training process {e.error_index} exited", file=sys.stderr)
+        sys.exit(e.exit_code if e.exit_code > 0 else 1)
