@@ -1,23 +1,34 @@
 """
-FocalRetinaNet vs Detectron2's RetinaNet, same weights, same images, side by side in one run.
+FocalRetinaNet vs Detectron2's RetinaNet, same weights, same images, side by side in one run,
+for each CPU instruction set asked for.
 
-    .venv/bin/python benchmarks/bench_model.py [--device cpu|cuda] [--size 512] [--reps 9]
+    .venv/bin/python benchmarks/bench_model.py [--device cpu|cuda] [--size 512] [--reps 5]
+        [--isa native,AVX2]
 
 The models are built from Detectron2's ``COCO-Detection/retinanet_R_50_FPN_1x.yaml`` (R50-FPN,
-80 classes), FocalRetinaNet with the plugin's defaults and once more with
-``MODEL.FOCAL_RETINANET.CHANNELS_LAST False`` (to show the fused loss's share of the gain apart);
-the weights are copied so that all compute the same function. Timed: a training step (forward +
-backward on 2 images of size x size with a few boxes each) and inference (forward in eval mode,
-post-processing included). The repetitions rotate the order of the models; medians are
-reported, after untimed warm-up steps (the first one reported apart: it includes the fused
-loss's compile). The speed-up is the median over repetitions of the ratio of Detectron2's time
-to the model's in the same repetition, which cancels the slow drifts of a shared machine.
-Peak memory: the growth of PyTorch's allocations during one extra step.
+80 classes): FocalRetinaNet with the plugin's defaults (``MODEL.FOCAL_RETINANET.CHANNELS_LAST
+"auto"``: the row names the format it picked), with each memory format forced, and compiled
+(``MODEL.FOCAL_RETINANET.COMPILE True``, default memory format); the weights are copied so that
+all compute the same function. Timed: a training step (forward + backward on 2 images of size x
+size with a few boxes each) and inference (forward in eval mode, post-processing included). The
+repetitions rotate the order of the models; medians are reported, after untimed warm-up steps
+(the first call is reported apart: it includes the compilations). The speed-up is the median
+over repetitions of the ratio of Detectron2's time to the model's in the same repetition, which
+cancels the slow drifts of a shared machine. Peak memory: the growth of PyTorch's allocations
+during one extra step.
+
+On CPU, each entry of ``--isa`` runs in a child process with ``ONEDNN_MAX_CPU_ISA`` set to it
+("native": unset), so one invocation measures e.g. an AVX-512 machine as it is and as an
+AVX2-only one.
 """
 
 import argparse
 import datetime
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -29,10 +40,11 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from focal_det2 import add_focal_config
+from focal_det2.modeling.acceleration import choose_channels_last
 
 from common import load, machine, peak_bytes, sync
 
-MODELS = ("Detectron2 RetinaNet", "FocalRetinaNet", "FocalRetinaNet, CHANNELS_LAST False")
+REFERENCE = "Detectron2 RetinaNet"
 
 
 def build_models(device: str) -> Dict[str, torch.nn.Module]:
@@ -41,16 +53,23 @@ def build_models(device: str) -> Dict[str, torch.nn.Module]:
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     torch.manual_seed(0)
-    reference = build_model(cfg)
+    models = {REFERENCE: build_model(cfg)}
     cfg = cfg.clone()
     add_focal_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
-    ours = build_model(cfg)
-    cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST = False
-    ours_contiguous = build_model(cfg)
-    for model in (ours, ours_contiguous):
-        model.load_state_dict(reference.state_dict())
-    return dict(zip(MODELS, (reference, ours, ours_contiguous)))
+    auto, _ = choose_channels_last("auto", device)
+    variants = {
+        f"FocalRetinaNet (default: {'NHWC' if auto else 'NCHW'})": [],
+        "FocalRetinaNet, NHWC": ["MODEL.FOCAL_RETINANET.CHANNELS_LAST", "on"],
+        "FocalRetinaNet, NCHW": ["MODEL.FOCAL_RETINANET.CHANNELS_LAST", "off"],
+        "FocalRetinaNet, compiled": ["MODEL.FOCAL_RETINANET.COMPILE", True],
+    }
+    for name, opts in variants.items():
+        variant = cfg.clone()
+        variant.merge_from_list(opts)
+        models[name] = build_model(variant)
+        models[name].load_state_dict(models[REFERENCE].state_dict())
+    return models
 
 
 def make_batch(size: int, device: str) -> List[dict]:
@@ -89,58 +108,97 @@ def timed(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
-
+def measure(args) -> dict:
+    """Times and peaks of every model in this process, as a JSON-able dict."""
     load_before = load()
     models = build_models(args.device)
+    names = list(models)
     batch = make_batch(args.size, args.device)
     phases = {"training step": train_step, "inference": inference}
     first = {
         (p, m): timed(lambda: fn(models[m], batch), args.device)
         for p, fn in phases.items()
-        for m in MODELS
+        for m in names
     }
     for _ in range(args.warmup - 1):
         for phase, fn in phases.items():
-            for name in MODELS:
+            for name in names:
                 fn(models[name], batch)
-    times: Dict[tuple, List[float]] = {(p, m): [] for p in phases for m in MODELS}
+    times: Dict[tuple, List[float]] = {(p, m): [] for p in phases for m in names}
     for rep in range(args.reps):
         for phase, fn in phases.items():
-            for name in MODELS[rep % len(MODELS) :] + MODELS[: rep % len(MODELS)]:
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 times[phase, name].append(timed(lambda: fn(models[name], batch), args.device))
-    peaks = {
-        (p, m): peak_bytes(lambda: fn(models[m], batch), args.device)
-        for p, fn in phases.items()
-        for m in MODELS
+    rows = []
+    for phase, fn in phases.items():
+        reference = times[phase, REFERENCE]
+        for name in names:
+            values = times[phase, name]
+            rows.append(
+                {
+                    "phase": phase,
+                    "model": name,
+                    "first": first[phase, name],
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                    "speed_up": statistics.median(r / v for r, v in zip(reference, values)),
+                    "peak_mib": peak_bytes(lambda: fn(models[name], batch), args.device) / 2**20,
+                }
+            )
+    return {
+        "machine": machine(args.device),
+        "load": f"{load_before} before, {load()} after",
+        "rows": rows,
     }
 
+
+def run_child(args, isa: str) -> dict:
+    env = dict(os.environ)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if isa != "native":
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    command = [sys.executable, __file__, "--child", "--device", args.device]
+    command += ["--size", str(args.size), "--reps", str(args.reps), "--warmup", str(args.warmup)]
+    out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--isa",
+        default="native,AVX2",
+        help="comma-separated ONEDNN_MAX_CPU_ISA values, one child process each (CPU only)",
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+
+    isas = args.isa.split(",") if args.device == "cpu" else ["native"]
     print("# FocalRetinaNet vs Detectron2's RetinaNet (R50-FPN, 80 classes)")
     print()
     print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"- machine: {machine(args.device)}")
-    print(f"- load average before: {load_before}; after: {load()}")
     print(f"- 2 images of {args.size}x{args.size}, 6 boxes each; {args.reps} reps, order rotated")
-    print(f"  after {args.warmup} warm-up steps; median (min-max) in s; peak = allocation growth")
+    print(f"  after {args.warmup} warm-up steps; times in s; peak: allocation growth in MiB")
+    results = {isa: run_child(args, isa) for isa in isas}
+    for isa, result in results.items():
+        print(f"- ISA {isa}: {result['machine']}; load average {result['load']}")
     print()
-    print("| phase | model | first call (s) | median (s) | min-max (s) | speed-up | peak (MiB) |")
-    print("|---|---|---|---|---|---|---|")
-    for phase in phases:
-        reference = times[phase, MODELS[0]]
-        for name in MODELS:
-            values = times[phase, name]
-            speed_up = statistics.median(r / v for r, v in zip(reference, values))
-            median = statistics.median(values)
+    print("| ISA | phase | model | first call (s) | median (s) | min-max (s) | speed-up | peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for isa, result in results.items():
+        for row in result["rows"]:
             print(
-                f"| {phase} | {name} | {first[phase, name]:.2f} | {median:.3f} | "
-                f"{min(values):.3f}-{max(values):.3f} | {speed_up:.2f}x | "
-                f"{peaks[phase, name] / 2**20:.0f} |"
+                f"| {isa} | {row['phase']} | {row['model']} | {row['first']:.2f} | "
+                f"{row['median']:.3f} | {row['min']:.3f}-{row['max']:.3f} | "
+                f"{row['speed_up']:.2f}x | {row['peak_mib']:.0f} |"
             )
 
 

@@ -50,6 +50,12 @@ def machine(device: str) -> str:
         pass
     parts = [
         f"CPU: {cpu} ({os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()})",
+        f"CPU capability: {torch.backends.cpu.get_cpu_capability()}"
+        + (
+            f", ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
+            if "ONEDNN_MAX_CPU_ISA" in os.environ
+            else ""
+        ),
         f"torch {torch.__version__}",
         f"device: {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""),
     ]

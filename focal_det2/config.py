@@ -35,10 +35,16 @@ def add_focal_config(cfg: CN) -> None:
     _C.MODEL.FOCAL_RETINANET.NUM_POS_ACROSS_WORKERS = True
     # Write class-imbalance diagnostics to the EventStorage every this many iterations; 0 = off.
     _C.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD = 20
-    # Keep the 4-d parameters (all convs, backbone included) in channels-last memory format, so
-    # that every feature map is NHWC: faster convolutions (oneDNN on CPU, cuDNN tensor cores) and
-    # free reshapes of the head's outputs to (N, Hi*Wi*A, K). Same values either way.
-    _C.MODEL.FOCAL_RETINANET.CHANNELS_LAST = True
+    # Memory format of the convolutions, "auto", "on" or "off". "on" keeps the 4-d parameters
+    # (backbone included) in channels-last format, so that every feature map is NHWC; same values
+    # either way. NHWC is faster with cuDNN on tensor-core GPUs and with oneDNN on AVX-512 CPUs,
+    # slower on AVX2-only CPUs: "auto" picks by the device (and ONEDNN_MAX_CPU_ISA) and logs why.
+    _C.MODEL.FOCAL_RETINANET.CHANNELS_LAST = "auto"
+    # Run the backbone (with the FPN) and the head under torch.compile, with dynamic shapes (one
+    # graph for every image size); anchor matching and losses stay eager. Compiling takes a
+    # while on the first iteration (logged) and falls back to eager, with a warning, where it
+    # fails. State-dict keys and checkpoints are unchanged.
+    _C.MODEL.FOCAL_RETINANET.COMPILE = False
     # Per-class alpha of the classification loss (every loss with an alpha): one float in
     # [0, 1] per class (MODEL.RETINANET.NUM_CLASSES values), weighting the positives of class k
     # by alpha_k and its negatives by 1 - alpha_k. [] = MODEL.RETINANET.FOCAL_LOSS_ALPHA for

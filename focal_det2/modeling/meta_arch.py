@@ -1,5 +1,6 @@
 """The FocalRetinaNet meta-architecture."""
 
+import logging
 from typing import Dict, List, Tuple
 
 import torch
@@ -16,11 +17,14 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
+from .acceleration import CHANNELS_LAST_SETTINGS, choose_channels_last, compile_with_fallback
 from .heads import FOCAL_HEAD_REGISTRY, build_focal_head
 from .losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
 from .postprocess import dense_detections
 
 __all__ = ["FocalRetinaNet", "check_focal_config"]
+
+logger = logging.getLogger(__name__)
 
 
 def _fail(key: str, value, allowed: str) -> None:
@@ -61,8 +65,20 @@ def check_focal_config(cfg: CN) -> None:
         _fail("MODEL.FOCAL_RETINANET.OHEM.NMS_THRESH", ohem.NMS_THRESH, "(0, 1]")
     if not (0 < ohem.FG_FRACTION <= 1 or ohem.FG_FRACTION == -1):
         _fail("MODEL.FOCAL_RETINANET.OHEM.FG_FRACTION", ohem.FG_FRACTION, "(0, 1], or -1")
+    if focal.CHANNELS_LAST not in CHANNELS_LAST_SETTINGS:
+        _fail(
+            "MODEL.FOCAL_RETINANET.CHANNELS_LAST",
+            focal.CHANNELS_LAST,
+            ", ".join(f'"{x}"' for x in CHANNELS_LAST_SETTINGS),
+        )
     if focal.DIAGNOSTICS_PERIOD < 0:
         _fail("MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD", focal.DIAGNOSTICS_PERIOD, ">= 0")
+
+
+def _channels_last(cfg: CN) -> bool:
+    use, reason = choose_channels_last(cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST, cfg.MODEL.DEVICE)
+    logger.info("Convolutions in %s memory format (%s).", "NHWC" if use else "NCHW", reason)
+    return use
 
 
 @META_ARCH_REGISTRY.register()
@@ -84,7 +100,8 @@ class FocalRetinaNet(RetinaNet):
         cls_loss: ClassificationLoss,
         num_pos_across_workers: bool = True,
         diagnostics_period: int = 20,
-        channels_last: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
         **kwargs,
     ):
         """
@@ -93,6 +110,7 @@ class FocalRetinaNet(RetinaNet):
             num_pos_across_workers: normalise by the number of positive anchors of all processes.
             diagnostics_period: write imbalance diagnostics every this many iterations; 0 = off.
             channels_last: convert the 4-d parameters to channels-last memory format.
+            compile: run the backbone (with the FPN) and the head under ``torch.compile``.
             kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
         """
         super().__init__(**kwargs)
@@ -102,6 +120,9 @@ class FocalRetinaNet(RetinaNet):
         if channels_last:
             # Module.to keeps the format of existing tensors (device moves, load_state_dict).
             self.to(memory_format=torch.channels_last)
+        if compile:
+            compile_with_fallback(self.backbone, "backbone")
+            compile_with_fallback(self.head, "head")
 
     @classmethod
     def from_config(cls, cfg):
@@ -120,7 +141,8 @@ class FocalRetinaNet(RetinaNet):
             cls_loss=build_cls_loss(cfg),
             num_pos_across_workers=cfg.MODEL.FOCAL_RETINANET.NUM_POS_ACROSS_WORKERS,
             diagnostics_period=cfg.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD,
-            channels_last=cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST,
+            channels_last=_channels_last(cfg),
+            compile=cfg.MODEL.FOCAL_RETINANET.COMPILE,
         )
         return ret
 

@@ -1,0 +1,98 @@
+"""
+Per-device speed choices of FocalRetinaNet: the memory format of its convolutions and
+``torch.compile`` of its dense parts. Neither changes the parameters, their state-dict keys or
+(beyond floating-point rounding) the results.
+"""
+
+import logging
+import os
+import time
+from typing import Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["CHANNELS_LAST_SETTINGS", "choose_channels_last", "compile_with_fallback"]
+
+logger = logging.getLogger(__name__)
+
+#: Values of ``MODEL.FOCAL_RETINANET.CHANNELS_LAST``.
+CHANNELS_LAST_SETTINGS = ("auto", "on", "off")
+
+
+def _onednn_has_avx512() -> bool:
+    # oneDNN's NHWC convolution kernels beat its NCHW ones with AVX-512 and lose to them with
+    # AVX2 only; ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) caps the ISA that oneDNN
+    # uses below what the CPU has.
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    return cap in ("ALL", "DEFAULT") or cap.startswith("AVX512") or cap.startswith("AVX10")
+
+
+def choose_channels_last(setting: str, device: str) -> Tuple[bool, str]:
+    """
+    Whether to keep the convolutions in channels-last memory format on ``device``.
+
+    Args:
+        setting: "on", "off", or "auto" (:data:`CHANNELS_LAST_SETTINGS`): channels-last on a
+            CUDA device with tensor cores (compute capability >= 7.0, cuDNN's NHWC kernels) and
+            on a CPU whose oneDNN runs AVX-512; NCHW elsewhere (AVX2-only CPUs, where NHWC
+            convolutions are slower).
+        device: the model's device, e.g. "cpu" or "cuda:0".
+
+    Returns:
+        The choice and the reason for it, for the log.
+    """
+    if setting != "auto":
+        return setting == "on", f"MODEL.FOCAL_RETINANET.CHANNELS_LAST is {setting!r}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        use = major >= 7
+        return use, f"CUDA compute capability {major}.{minor} ({'>=' if use else '<'} 7.0)"
+    use = _onednn_has_avx512()
+    isa = torch.backends.cpu.get_cpu_capability()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    where = f"CPU capability {isa}" + (f", ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
+    return use, f"{where}: oneDNN {'with' if use else 'without'} AVX-512"
+
+
+def compile_with_fallback(module: nn.Module, name: str) -> None:
+    """
+    Run ``module.forward`` under ``torch.compile`` with dynamic shapes (one graph for every
+    image size, in training and in inference), in place: the module, its parameters and its
+    state-dict keys stay the same. The first call, which compiles, logs its duration; if
+    compiling fails on this platform, a one-line warning is logged and the module runs eagerly
+    from then on.
+
+    Args:
+        module: the module to compile, e.g. the backbone or the head.
+        name: its name in the log.
+    """
+    eager_forward = module.forward
+    compiled_forward = torch.compile(eager_forward, dynamic=True)
+    compiled_modes = set()  # training / inference: BatchNorm makes them two graphs
+
+    def forward(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            out = compiled_forward(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # not the compiler's fault: eager would not fit either
+        except Exception as exc:  # compiler and toolchain failures come in many types
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            logger.warning(
+                "torch.compile of the %s failed (%s: %s); running it eagerly.",
+                name,
+                type(exc).__name__,
+                message,
+            )
+            module.forward = eager_forward
+            return eager_forward(*args, **kwargs)
+        if module.training not in compiled_modes:
+            compiled_modes.add(module.training)
+            mode = "training" if module.training else "inference"
+            logger.info("Compiled the %s (%s) in %.1f s.", name, mode, time.perf_counter() - start)
+        return out
+
+    module.forward = forward

@@ -1,0 +1,157 @@
+"""The memory format chosen per device, and the compiled backbone and head."""
+
+import logging
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from focal_det2 import add_focal_config
+from focal_det2.modeling import _fused_focal_loss, acceleration
+from focal_det2.modeling.acceleration import choose_channels_last
+
+from helpers import REPO
+
+# Compiled (inductor) and eager float32 convolutions sum in different orders; over the demo
+# model's layers that moves losses by ~1e-6 relative and boxes by ~1e-4 px at most.
+COMPILED_LOSS_RTOL = 1e-4
+COMPILED_BOX_ATOL = 1e-2
+COMPILED_SCORE_ATOL = 1e-4
+
+
+@pytest.mark.parametrize(
+    "capability, isa_cap, expected",
+    [
+        ("AVX512", None, True),
+        ("AVX512", "AVX2", False),
+        ("AVX512", "AVX512_CORE_BF16", True),
+        ("AVX2", None, False),
+        ("AVX2", "ALL", False),
+        ("DEFAULT", None, False),
+    ],
+)
+def test_auto_picks_channels_last_by_onednn_isa(monkeypatch, capability, isa_cap, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if isa_cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
+    use, reason = choose_channels_last("auto", "cpu")
+    assert use is expected
+    assert capability in reason and ("with AVX-512" if expected else "without AVX-512") in reason
+
+
+@pytest.mark.parametrize("setting, expected", [("on", True), ("off", False)])
+def test_explicit_setting_wins(monkeypatch, setting, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert choose_channels_last(setting, "cpu")[0] is expected
+
+
+def _cfg(*opts):
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
+    cfg.merge_from_list(["MODEL.RETINANET.NORM", "GN", "MODEL.RESNETS.NORM", "GN", *opts])
+    return cfg
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for size, boxes in ((128, [[10.0, 12.0, 60.0, 70.0]]), (96, [[20.0, 8.0, 80.0, 50.0]])):
+        instances = Instances((size, size))
+        instances.gt_boxes = Boxes(torch.tensor(boxes))
+        instances.gt_classes = torch.tensor([3])
+        image = torch.randint(0, 256, (3, size, size), generator=g).float()
+        batch.append({"image": image, "instances": instances})
+    return batch
+
+
+def test_auto_memory_format_is_logged_and_trains(caplog):
+    with caplog.at_level(logging.INFO):
+        model = build_model(_cfg("MODEL.FOCAL_RETINANET.CHANNELS_LAST", "auto"))
+    use, reason = choose_channels_last("auto", "cpu")
+    assert reason in caplog.text
+    conv = model.backbone.bottom_up.stem.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) is use
+    with EventStorage(0):
+        losses = model(_batch())
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_invalid_channels_last_value_names_key_and_values():
+    with pytest.raises(ValueError, match='CHANNELS_LAST.*"auto", "on", "off"'):
+        build_model(_cfg("MODEL.FOCAL_RETINANET.CHANNELS_LAST", "yes"))
+
+
+def _losses_and_detections(model):
+    torch.manual_seed(0)
+    model.train()
+    with EventStorage(0):
+        losses = model(_batch())
+    model.eval()
+    # A low threshold so that the untrained model has detections to compare.
+    model.test_score_thresh = 0.0
+    with torch.no_grad():
+        detections = model([{"image": x["image"]} for x in _batch()])
+    return losses, [d["instances"] for d in detections]
+
+
+def test_compiled_model_equals_eager_model(caplog):
+    torch.manual_seed(0)
+    eager = build_model(_cfg())
+    compiled = build_model(_cfg("MODEL.FOCAL_RETINANET.COMPILE", True))
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    compiled.load_state_dict(eager.state_dict())
+    with caplog.at_level(logging.INFO, logger=acceleration.__name__):
+        compiled_losses, compiled_detections = _losses_and_detections(compiled)
+    eager_losses, eager_detections = _losses_and_detections(eager)
+    assert "Compiled the backbone (training)" in caplog.text, caplog.text
+    assert "Compiled the head (inference)" in caplog.text, caplog.text
+    assert "failed" not in caplog.text, caplog.text
+    for key in eager_losses:
+        torch.testing.assert_close(
+            compiled_losses[key], eager_losses[key], rtol=COMPILED_LOSS_RTOL, atol=0
+        )
+    for ours, reference in zip(compiled_detections, eager_detections):
+        assert len(reference) > 0
+        assert torch.equal(ours.pred_classes, reference.pred_classes)
+        torch.testing.assert_close(
+            ours.pred_boxes.tensor, reference.pred_boxes.tensor, atol=COMPILED_BOX_ATOL, rtol=0
+        )
+        torch.testing.assert_close(ours.scores, reference.scores, atol=COMPILED_SCORE_ATOL, rtol=0)
+
+
+def test_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler\nlong traceback of the toolchain")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    # The fused loss compiles through torch.compile too: its failure must not outlive this test.
+    monkeypatch.setattr(_fused_focal_loss, "_COMPILED", {})
+    monkeypatch.setattr(_fused_focal_loss, "_COMPILE_FAILED", set())
+    torch.manual_seed(0)
+    eager = build_model(_cfg())
+    fallback = build_model(_cfg("MODEL.FOCAL_RETINANET.COMPILE", True))
+    fallback.load_state_dict(eager.state_dict())
+    with caplog.at_level(logging.WARNING, logger=acceleration.__name__):
+        fallback_losses, _ = _losses_and_detections(fallback)
+        _losses_and_detections(fallback)
+    eager_losses, _ = _losses_and_detections(eager)
+    warnings = [r for r in caplog.records if "torch.compile of the" in r.getMessage()]
+    assert [w.getMessage().splitlines()[0] for w in warnings] == [
+        "torch.compile of the backbone failed (RuntimeError: no C++ compiler); running it "
+        "eagerly.",
+        "torch.compile of the head failed (RuntimeError: no C++ compiler); running it eagerly.",
+    ]
+    assert all(len(w.getMessage().splitlines()) == 1 for w in warnings)
+    for key in eager_losses:
+        torch.testing.assert_close(fallback_losses[key], eager_losses[key], rtol=0, atol=0)
