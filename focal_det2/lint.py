@@ -7,7 +7,7 @@ Config lint before training: settings that train, but not as the user meant.
 - warning: a key of the two-stage detectors (``MODEL.ROI_HEADS.*``, ``MODEL.RPN.*``,
   ``MODEL.ROI_BOX_HEAD.*``) set to a non-default value while the meta-architecture is a
   RetinaNet, which ignores it (e.g. ``MODEL.ROI_HEADS.NUM_CLASSES`` for
-  ``MODEL.RETINANET.NUM_CLASSES``).
+  ``MODEL.RETINANET.NUM_CLASSES``), and a per-class alpha for a loss without alpha (OHEM).
 """
 
 import logging
@@ -67,6 +67,14 @@ def check_config(cfg: CN) -> List[str]:
     if cfg.MODEL.META_ARCHITECTURE not in RETINANET_META_ARCHITECTURES:
         return []
     warnings = [_ignored_key_warning(key, value) for key, value in _ignored_keys(cfg)]
+    focal = cfg.MODEL.FOCAL_RETINANET
+    if focal.CLS_LOSS_NAME == "OhemCrossEntropyLoss" and (
+        focal.CLASS_ALPHA or focal.CLASS_ALPHA_FROM_FREQUENCY
+    ):
+        warnings.append(
+            "MODEL.FOCAL_RETINANET.CLASS_ALPHA / CLASS_ALPHA_FROM_FREQUENCY is set, but "
+            "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME OhemCrossEntropyLoss has no alpha."
+        )
     for message in warnings:
         logger.warning(message)
     errors = _num_classes_errors(cfg)

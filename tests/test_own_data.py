@@ -262,6 +262,9 @@ def test_lint_num_classes_of_the_data_and_ignored_keys(tiny_registered, caplog):
         "MODEL.ROI_HEADS.NUM_CLASSES",
         "MODEL.RPN.NMS_THRESH",
     ]
+    cfg.MODEL.FOCAL_RETINANET.CLS_LOSS_NAME = "OhemCrossEntropyLoss"
+    cfg.MODEL.FOCAL_RETINANET.CLASS_ALPHA_FROM_FREQUENCY = 1.0
+    assert "OhemCrossEntropyLoss has no alpha" in check_config(cfg)[-1]
 
 
 def test_lint_datasets_of_different_class_counts(tiny_registered):
