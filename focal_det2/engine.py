@@ -1,23 +1,93 @@
-"""Trainer glue: Detectron2's DefaultTrainer with COCO evaluation, CPU multi-process and
-crash-safe checkpoints."""
+"""Trainer glue: Detectron2's DefaultTrainer with COCO evaluation, CPU multi-process,
+crash-safe checkpoints, and clean stops: on SIGTERM/SIGINT (with a checkpoint), on a failed
+checkpoint write, on an image that cannot be decoded, and at a non-finite loss (with a
+post-mortem file)."""
 
 import contextlib
 import functools
+import json
+import logging
+import multiprocessing
 import os
+import signal
 import weakref
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
+import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
+from .data.mapper import DECODE_FAILURES_KEY, FocalDatasetMapper
 from .evaluation import FocalCOCOEvaluator, check_coco_eval_backend
-from .file_io import atomic_open
+from .file_io import atomic_open, atomic_write
 from .report import TrainingReportHook
+from .weights import WeightsError, load_initial_weights
 
-__all__ = ["AtomicCheckpointer", "FocalTrainer"]
+__all__ = [
+    "AtomicCheckpointer",
+    "CheckpointWriteError",
+    "FocalTrainer",
+    "TrainingStopped",
+    "forward_stop_signals",
+]
+
+logger = logging.getLogger(__name__)
+
+# The signals that stop training after the current iteration, with a checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Post-mortem of a non-finite loss, in OUTPUT_DIR; {} is the iteration.
+NONFINITE_FILE = "nonfinite_iter_{}.json"
+# metrics.json key: samples replaced so far because their image could not be decoded.
+SKIPPED_SAMPLES_KEY = "data/skipped_samples"
+
+
+class TrainingStopped(BaseException):
+    """
+    Training stopped on purpose: a stop signal, a failed checkpoint write, an undecodable image
+    under ``DATASETS.INVALID_POLICY "error"``. A BaseException, so that Detectron2's
+    ``TrainerBase.train``, which logs every Exception with its traceback, lets it through; the
+    hooks' ``after_train`` still run.
+
+    Attributes:
+        message: what happened and what is on disk, meant to be printed as is.
+        exit_code: the process's exit status (128 + the signal number after a signal).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space, quota, ...); the earlier ones are intact."""
+
+
+class _WriteErrorKeepingFile:
+    """
+    A file whose ``write`` keeps the OSError it raises: ``torch.save`` turns it into a
+    RuntimeError of its zip writer ("unexpected pos ..."), which does not say what went wrong.
+    """
+
+    def __init__(self, file: Any):
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
 
 
 class _AtomicWrites:
@@ -28,11 +98,23 @@ class _AtomicWrites:
 
     def __init__(self, path_manager: Any):
         self._path_manager = path_manager
+        # The OSError of the last failed write, if any.
+        self.write_error: Optional[OSError] = None
 
     def open(self, path: str, mode: str = "r", **kwargs: Any):
         if mode in ("w", "wb"):
-            return atomic_open(path, mode)
+            return self._atomic_open(path, mode)
         return self._path_manager.open(path, mode, **kwargs)
+
+    @contextlib.contextmanager
+    def _atomic_open(self, path: str, mode: str) -> Iterator[_WriteErrorKeepingFile]:
+        self.write_error = None
+        with atomic_open(path, mode) as f:
+            file = _WriteErrorKeepingFile(f)
+            try:
+                yield file
+            finally:
+                self.write_error = file.error
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._path_manager, name)
@@ -43,12 +125,29 @@ class AtomicCheckpointer(DetectionCheckpointer):
     ``DetectionCheckpointer`` whose checkpoints are complete or absent: fvcore's ``save`` writes
     each ``.pth``, then ``last_checkpoint``, through a path manager that writes to a temporary
     file and renames it into place, so a process killed at any moment leaves every ``.pth``
-    loadable and ``last_checkpoint`` naming a complete one. Writes to the local file system.
+    loadable and ``last_checkpoint`` naming a complete one. Writes to the local file system. A
+    write that fails (no space, quota) raises :class:`CheckpointWriteError` with the cause,
+    after removing its temporary file.
     """
 
     def __init__(self, model: torch.nn.Module, save_dir: str = "", **kwargs: Any):
         super().__init__(model, save_dir, **kwargs)
         self.path_manager = _AtomicWrites(self.path_manager)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        try:
+            super().save(name, **kwargs)
+        except Exception as e:
+            cause = self.path_manager.write_error or e
+            raise CheckpointWriteError(
+                f"could not write the checkpoint {os.path.join(self.save_dir, name)}.pth "
+                f"({type(cause).__name__}: {cause}); the earlier checkpoints and "
+                "last_checkpoint are unchanged"
+            ) from e
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class _LossNormalizerState:
@@ -61,7 +160,7 @@ class _LossNormalizerState:
     name = "loss_normalizer"
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model.module if isinstance(model, DistributedDataParallel) else model
+        self.model = _unwrap(model)
 
     def state_dict(self) -> Dict[str, float]:
         value = getattr(self.model, self.name, None)
@@ -92,17 +191,246 @@ def _ddp_for_device(device: str):
         d2_defaults.create_ddp_model = original
 
 
+def _reduce(values: List[float], op: dist.ReduceOp, device: str) -> List[float]:
+    """``values`` reduced over all processes with ``op``; as they are in a single process."""
+    if comm.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+class _StopSignals:
+    """
+    The stop signal received while installed, if any. The handler only records it: the
+    iteration in progress, and a checkpoint being written, finish before training stops.
+    """
+
+    def __init__(self):
+        self.received = 0
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_StopSignals"]:
+        previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def forward_stop_signals() -> Iterator[None]:
+    """
+    In the process that ``launch`` starts the training processes from: pass SIGTERM and SIGINT
+    on to them, so that they stop after their current iteration with a checkpoint, instead of
+    this process dying and leaving them running (a scheduler may signal only this one).
+    """
+
+    def forward(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class _CheckedBatches:
+    """
+    The training batches: keeps the last one (for the post-mortem of a non-finite loss) and
+    applies ``DATASETS.INVALID_POLICY`` to the images that :class:`FocalDatasetMapper` could not
+    decode ("error": stop naming the file; "skip": a warning naming it, and the count of
+    replaced samples in ``metrics.json``). The processes add up their failures for each batch
+    (one all-reduce of one number), so that they stop at the same iteration and the count covers
+    all of them.
+    """
+
+    def __init__(self, loader: Any, policy: str, device: str):
+        self.loader = loader
+        self.policy = policy
+        self.device = device
+        self.last_batch: Optional[List[Dict[str, Any]]] = None
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
+        for batch in self.loader:
+            failures = [f for d in batch for f in d.pop(DECODE_FAILURES_KEY, [])]
+            (total,) = _reduce([len(failures)], dist.ReduceOp.SUM, self.device)
+            storage = get_event_storage()
+            if total and self.policy != "skip":
+                cause = failures[0] if failures else "an image of another process (see its log)"
+                raise TrainingStopped(
+                    f"training stopped at iteration {storage.iter}: {cause}. DATASETS."
+                    f"INVALID_POLICY is {self.policy!r}: fix or remove the file, or set it to "
+                    '"skip" to train on without it; DATASETS.VALIDATE_FULL_DECODE True finds '
+                    "such files before training"
+                )
+            for failure in failures:
+                logger.warning(
+                    "%s: sample replaced by another (DATASETS.INVALID_POLICY 'skip')", failure
+                )
+            self.skipped += int(total)
+            storage.put_scalar(SKIPPED_SAMPLES_KEY, self.skipped, smoothing_hint=False)
+            self.last_batch = batch
+            yield batch
+
+
+def _number(value: Any) -> Any:
+    """A float for JSON: non-finite values as the strings "nan", "inf", "-inf"."""
+    value = float(value)
+    return value if torch.isfinite(torch.tensor(value)) else str(value)
+
+
 class FocalTrainer(DefaultTrainer):
     """
     ``DefaultTrainer`` that evaluates with ``COCOEvaluator``, trains multi-process on CPU (gloo)
     as well as on GPUs, writes crash-safe checkpoints and saves the loss normaliser with them.
-    Training stops at the first non-finite loss (Detectron2's check, before the optimizer
-    step), so the checkpoints on disk stay those of finite weights.
+
+    It stops with :class:`TrainingStopped`, every process at the same iteration:
+
+    - on SIGTERM or SIGINT, after the current iteration, having written its checkpoint;
+    - when a checkpoint cannot be written (the earlier ones stay intact);
+    - at an image that cannot be decoded, with ``DATASETS.INVALID_POLICY "error"``.
+
+    At the first non-finite loss (Detectron2's check, before the optimizer step, so the
+    checkpoints on disk stay those of finite weights) it writes
+    ``OUTPUT_DIR/nonfinite_iter_<N>.json`` and raises Detectron2's ``FloatingPointError``
+    naming the file.
     """
 
     def __init__(self, cfg):
         with _ddp_for_device(cfg.MODEL.DEVICE):
             super().__init__(cfg)
+        self._signals = _StopSignals()
+        # The data loader the trainer iterates: build_train_loader's _CheckedBatches.
+        self._batches = self._trainer.data_loader
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's loader with :class:`FocalDatasetMapper`, its batches checked by
+        :class:`_CheckedBatches`."""
+        loader = build_detection_train_loader(cfg, mapper=FocalDatasetMapper(cfg, is_train=True))
+        return _CheckedBatches(loader, cfg.DATASETS.INVALID_POLICY, cfg.MODEL.DEVICE)
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """
+        Detectron2's: resume from ``last_checkpoint`` when asked and present, else load
+        ``MODEL.WEIGHTS`` (nothing when empty), here with
+        :func:`~focal_det2.weights.load_initial_weights`.
+
+        Raises:
+            WeightsError: naming the file and what is wrong with it.
+        """
+        if resume and self.checkpointer.has_checkpoint():
+            path = self.checkpointer.get_checkpoint_file()
+            try:
+                super().resume_or_load(resume=True)
+            except Exception as e:
+                raise WeightsError(
+                    f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e}); "
+                    "point last_checkpoint at another one"
+                ) from e
+            return
+        load_initial_weights(
+            _unwrap(self.model),
+            self.cfg.MODEL.WEIGHTS,
+            drop_classifier=self.cfg.MODEL.FOCAL_RETINANET.WEIGHTS_DROP_CLASSIFIER,
+        )
+
+    def train(self):
+        with self._signals.installed():
+            return super().train()
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            path = self._write_nonfinite_report()
+            raise FloatingPointError(f"{e}\npost-mortem: {path}") from e
+
+    def after_step(self):
+        write_error = None
+        try:
+            super().after_step()
+        except CheckpointWriteError as e:
+            write_error = e
+        self._stop_if_requested(write_error)
+
+    def _stop_if_requested(self, write_error: Optional[CheckpointWriteError]) -> None:
+        """
+        Stop every process at this iteration when one of them received a stop signal (after
+        writing this iteration's checkpoint) or could not write a checkpoint: one all-reduce of
+        two numbers per iteration.
+        """
+        device = self.cfg.MODEL.DEVICE
+        signum, failed = _reduce(
+            [self._signals.received, write_error is not None], dist.ReduceOp.MAX, device
+        )
+        where = f"training stopped at iteration {self.iter}"
+        if failed:
+            raise TrainingStopped(
+                f"{where}: {write_error or 'process 0 could not write a checkpoint (see its log)'}"
+            )
+        if not signum:
+            return
+        name = signal.Signals(int(signum)).name
+        checkpoint = f"model_{self.iter:07d}"
+        try:
+            self.checkpointer.save(checkpoint, iteration=self.iter)
+        except CheckpointWriteError as e:
+            write_error = e
+        (failed,) = _reduce([write_error is not None], dist.ReduceOp.MAX, device)
+        if failed:
+            cause = write_error or "process 0 could not write its checkpoint (see its log)"
+            raise TrainingStopped(f"{name} received, {where}: {cause}", 128 + int(signum))
+        raise TrainingStopped(
+            f"{name} received, {where}: checkpoint "
+            f"{os.path.join(self.cfg.OUTPUT_DIR, checkpoint)}.pth written; run again with "
+            f"--resume to continue from iteration {self.iter + 1}",
+            128 + int(signum),
+        )
+
+    def _write_nonfinite_report(self) -> str:
+        """Write ``OUTPUT_DIR/nonfinite_iter_<N>.json`` and return its path."""
+        model = _unwrap(self.model)
+        stats = {k: _number(v) for k, v in getattr(model, "last_loss_stats", {}).items()}
+        groups = self.optimizer.param_groups
+        report = {
+            "iteration": self.iter,
+            "losses": {k: v for k, v in stats.items() if k.startswith("loss_")},
+            # The LR of the largest parameter group, as Detectron2's LRScheduler hook logs it.
+            "lr": max(groups, key=lambda g: len(g["params"]))["lr"],
+            **{k: v for k, v in stats.items() if not k.startswith("loss_")},
+            "images": [
+                {
+                    "file_name": d.get("file_name"),
+                    "image_id": d.get("image_id"),
+                    "boxes": d["instances"].gt_boxes.tensor.tolist() if "instances" in d else [],
+                    "classes": d["instances"].gt_classes.tolist() if "instances" in d else [],
+                }
+                for d in self._batches.last_batch or []
+            ],
+            # The backward of the non-finite loss ran before Detectron2's check.
+            "nonfinite_gradients_this_step": [
+                n
+                for n, p in model.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ],
+            # A non-finite gradient at the previous step shows as non-finite weights now.
+            "nonfinite_parameters": [
+                n for n, p in model.named_parameters() if not torch.isfinite(p).all()
+            ],
+        }
+        path = os.path.join(self.cfg.OUTPUT_DIR, NONFINITE_FILE.format(self.iter))
+        atomic_write(path, lambda f: json.dump(report, f, indent=1), "w")
+        return path
 
     def build_hooks(self):
         # Called by DefaultTrainer.__init__ before the hooks capture the checkpointer.

@@ -116,6 +116,8 @@ class _InitialWeightsCheckpointer(DetectionCheckpointer):
             checkpoint["model"] = {
                 k: v for k, v in checkpoint["model"].items() if _CLASSIFIER_KEY not in k
             }
+        # fvcore renames (prefix "module.") and drops (other shapes) this dict's entries in place.
+        weights = checkpoint["model"]
         incompatible = super()._load_model(checkpoint)
         if incompatible.incorrect_shapes:
             shapes = [
@@ -130,9 +132,9 @@ class _InitialWeightsCheckpointer(DetectionCheckpointer):
                     "MODEL.FOCAL_RETINANET.WEIGHTS_DROP_CLASSIFIER True to fine-tune it anew)"
                 )
             raise WeightsError(problem)
-        if set(incompatible.missing_keys) >= set(self.model.state_dict()):
+        if set(weights) <= set(incompatible.unexpected_keys):
             raise WeightsError(
-                f"none of the file's {len(checkpoint['model'])} weights is one of the model's "
+                f"none of the file's {len(weights)} weights is one of the model's "
                 "(weights of another architecture?)"
             )
         return incompatible

@@ -1,13 +1,16 @@
-"""Crash-safe checkpoints and resume, non-finite losses, 1 vs 2 processes."""
+"""Crash-safe checkpoints and resume, non-finite losses and their post-mortem, 1 vs 2 processes
+and 2 machines."""
 
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from helpers import REPO, run_train_net, tiny_args
@@ -106,6 +109,31 @@ def test_non_finite_loss_stops_naming_iteration(tiny_coco, tmp_path):
     last = (tmp_path / "last_checkpoint").read_text()
     load_checkpoint(tmp_path / last)
 
+    # The post-mortem, named in the message.
+    iteration = int(re.search(r"NaN at iteration=(\d+)", result.stdout).group(1))
+    post_mortem = tmp_path / f"nonfinite_iter_{iteration}.json"
+    assert f"post-mortem: {post_mortem}" in result.stdout
+    report = json.loads(post_mortem.read_text())
+    assert report["iteration"] == iteration
+    assert set(report["losses"]) == {"loss_cls", "loss_box_reg"}
+    assert report["lr"] == 1e8  # no warm-up, no step yet
+    assert report["num_pos_anchors"] > 0 and report["loss_normalizer"] > 0
+    for key in ("max_abs_logit", "max_abs_box_delta"):
+        value = report[key]
+        assert value in ("nan", "inf") or value > 0, (key, value)
+    train_json = json.loads(open(tiny_coco["train"][0]).read())
+    boxes = {i["id"]: [] for i in train_json["images"]}
+    for a in train_json["annotations"]:
+        boxes[a["image_id"]].append(a["bbox"])
+    assert len(report["images"]) == 4  # SOLVER.IMS_PER_BATCH
+    for image in report["images"]:
+        assert image["file_name"].startswith(tiny_coco["train"][1])
+        # Boxes in the resized input's coordinates (XYXY): as many as in the json.
+        assert len(image["boxes"]) == len(boxes[image["image_id"]]) == len(image["classes"])
+    # The backward of the non-finite loss ran: some gradients are non-finite.
+    assert report["nonfinite_gradients_this_step"]
+    assert isinstance(report["nonfinite_parameters"], list)
+
 
 def final_losses(output_dir):
     records = [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
@@ -113,14 +141,73 @@ def final_losses(output_dir):
     return torch.tensor([record["loss_cls"], record["loss_box_reg"]])
 
 
-def test_two_processes_follow_one_process(tiny_coco, tmp_path):
-    common = ["SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", *GN_MODEL]
-    one, two = tmp_path / "one", tmp_path / "two"
-    result = run_train_net(*tiny_args(tiny_coco, one, *common))
-    assert result.returncode == 0, result.stdout[-3000:]
+# Training of the 1 vs 2 process tests: GN, 4 iterations.
+TWO_PROCESS_OPTS = ("SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "0", *GN_MODEL)
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tiny_coco, tmp_path_factory):
+    """Loss terms at iteration 3 of the 1-process run of ``TWO_PROCESS_OPTS``."""
+    output_dir = tmp_path_factory.mktemp("one_process")
     result = run_train_net(
-        "--num-gpus", "2", "--dist-url", "auto", *tiny_args(tiny_coco, two, *common)
+        *tiny_args(tiny_coco, output_dir, *TWO_PROCESS_OPTS, "DATASETS.TEST", "()")
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    return final_losses(output_dir)
+
+
+def test_two_processes_follow_one_process(tiny_coco, tmp_path, one_process_losses):
+    result = run_train_net(
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        *tiny_args(tiny_coco, tmp_path, *TWO_PROCESS_OPTS, "DATASETS.TEST", "()"),
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "World size: 2" in result.stdout
-    torch.testing.assert_close(final_losses(two), final_losses(one), rtol=TWO_PROCESS_RTOL, atol=0)
+    torch.testing.assert_close(
+        final_losses(tmp_path), one_process_losses, rtol=TWO_PROCESS_RTOL, atol=0
+    )
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_follow_one_process_and_evaluate_each_image_once(
+    tiny_coco, tmp_path, one_process_losses
+):
+    # Two "machines" of one process each, on this host, as on a cluster (README).
+    dist_url = f"tcp://127.0.0.1:{free_port()}"
+    args = tiny_args(tiny_coco, tmp_path, *TWO_PROCESS_OPTS)  # evaluates tiny_val at the end
+    machines = []
+    for rank in (0, 1):
+        log = open(tmp_path / f"machine{rank}.log", "w")
+        machines.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "train_net.py"),
+                    *("--num-machines", "2", "--machine-rank", str(rank), "--num-gpus", "1"),
+                    *("--dist-url", dist_url, *args),
+                ],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        log.close()
+    for rank, machine in enumerate(machines):
+        output = (tmp_path / f"machine{rank}.log").read_text
+        assert machine.wait(timeout=600) == 0, output()[-3000:]
+        assert f"Rank of current process: {rank}. World size: 2" in output()
+    torch.testing.assert_close(
+        final_losses(tmp_path), one_process_losses, rtol=TWO_PROCESS_RTOL, atol=0
+    )
+    # Each process ran half of the images; the evaluation gathered each image once.
+    predictions = torch.load(tmp_path / "inference" / "instances_predictions.pth")
+    val_ids = [image["id"] for image in json.loads(open(tiny_coco["val"][0]).read())["images"]]
+    assert sorted(p["image_id"] for p in predictions) == sorted(val_ids)

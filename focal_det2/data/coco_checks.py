@@ -1,11 +1,13 @@
 """Checks of a COCO-format dataset: its json's records and its image files, and the report.
 
-The checks are pure: they read the json and the images' headers, never Detectron2's catalogs or
+The checks are pure: they read the json and the images' headers (their pixels too on request,
+``full_decode``), never Detectron2's catalogs or
 a config, and return a :class:`DatasetReport` of every problem and of the records to drop.
 :func:`cleaned_coco_dict` drops them. Which datasets are checked and what a problem stops is
 the policy of :mod:`focal_det2.data.validation`.
 """
 
+import functools
 import json
 import math
 import os
@@ -38,7 +40,10 @@ KINDS = {
         "image record with a missing or ill-typed id, file_name, width or height, or a repeated id",
     ),
     "missing_image": ("images", "image file does not exist"),
-    "unreadable_image": ("images", "image file whose header cannot be decoded"),
+    "unreadable_image": (
+        "images",
+        "image file whose header (with full decoding: whose pixels) cannot be decoded",
+    ),
     "image_size_mismatch": ("images", "decoded image size differs from the json's width, height"),
     "malformed_annotation": (
         "annotations",
@@ -196,6 +201,7 @@ def validate_coco_dataset(
     dataset_name: str = "",
     *,
     num_threads: int | None = None,
+    full_decode: bool = False,
 ) -> DatasetReport:
     """
     Read a COCO-format json and check it and the headers of its images.
@@ -205,12 +211,14 @@ def validate_coco_dataset(
         image_root: folder that the images' file_name are relative to.
         dataset_name: name shown in the report.
         num_threads: threads reading image headers; default: ThreadPoolExecutor's.
+        full_decode: decode every image's pixels too, which finds damaged image data (a
+            truncated file) that the header does not show, at the cost of reading every file.
 
     Returns:
         The report; ``report.ok`` when nothing is wrong.
     """
     return read_and_check_coco_dataset(
-        json_file, image_root, dataset_name, num_threads=num_threads
+        json_file, image_root, dataset_name, num_threads=num_threads, full_decode=full_decode
     )[1]
 
 
@@ -220,12 +228,14 @@ def read_and_check_coco_dataset(
     dataset_name: str = "",
     *,
     num_threads: int | None = None,
+    full_decode: bool = False,
 ) -> tuple[Any, DatasetReport]:
     """
     Read a COCO-format json and check it and the headers of its images.
 
     Args:
-        json_file, image_root, dataset_name, num_threads: see :func:`validate_coco_dataset`.
+        json_file, image_root, dataset_name, num_threads, full_decode: see
+            :func:`validate_coco_dataset`.
 
     Returns:
         The parsed json (None when it cannot be read), for :func:`cleaned_coco_dict`, and
@@ -240,7 +250,12 @@ def read_and_check_coco_dataset(
         report.add("malformed_json", "(file)", json_file, detail=f"{type(e).__name__}: {e}")
         return None, report
     return dataset, check_coco_dataset(
-        dataset, json_file, image_root, dataset_name, num_threads=num_threads
+        dataset,
+        json_file,
+        image_root,
+        dataset_name,
+        num_threads=num_threads,
+        full_decode=full_decode,
     )
 
 
@@ -252,6 +267,7 @@ def check_coco_dataset(
     *,
     check_files: bool = True,
     num_threads: int | None = None,
+    full_decode: bool = False,
 ) -> DatasetReport:
     """
     Check a parsed COCO-format json and, unless ``check_files`` is False, its image files.
@@ -267,7 +283,7 @@ def check_coco_dataset(
         dataset: the parsed json.
         json_file, image_root, dataset_name: see :func:`validate_coco_dataset`.
         check_files: also open every image file.
-        num_threads: see :func:`validate_coco_dataset`.
+        num_threads, full_decode: see :func:`validate_coco_dataset`.
 
     Returns:
         The report.
@@ -286,7 +302,7 @@ def check_coco_dataset(
     category_ids = _check_categories(records["categories"], report)
     images_by_id, files = _check_images(records["images"], report)
     if check_files:
-        _check_image_files(files, image_root, report, num_threads)
+        _check_image_files(files, image_root, report, num_threads, full_decode)
     # Ids of dropped images; those without a usable id have no annotations to drop with them.
     dropped_ids = {
         image_id
@@ -393,12 +409,15 @@ def _check_image_files(
     image_root: str,
     report: DatasetReport,
     num_threads: int | None,
+    full_decode: bool,
 ) -> None:
-    """Decode every file's header, in threads: opening many files is mostly waiting."""
+    """Decode every file's header (or whole image), in threads: opening many files is mostly
+    waiting, and PIL's decoders release the GIL."""
     jobs = [(os.path.join(image_root, file_name), size) for _, _, file_name, size in files]
     tasks = [jobs[i : i + _FILES_PER_TASK] for i in range(0, len(jobs), _FILES_PER_TASK)]
+    check = functools.partial(_check_files, full_decode=full_decode)
     with ThreadPoolExecutor(num_threads) as pool:
-        results = [result for task in pool.map(_check_files, tasks) for result in task]
+        results = [result for task in pool.map(check, tasks) for result in task]
     for (index, image_id, file_name, size), result in zip(files, results):
         if result is not None:
             kind, detail = result
@@ -410,15 +429,19 @@ def _check_image_files(
             report.drop_image_indices.add(index)
 
 
-def _check_files(jobs: list[tuple[str, tuple | None]]) -> list[tuple[str, str] | None]:
-    return [_check_file(path, size) for path, size in jobs]
+def _check_files(
+    jobs: list[tuple[str, tuple | None]], full_decode: bool
+) -> list[tuple[str, str] | None]:
+    return [_check_file(path, size, full_decode) for path, size in jobs]
 
 
-def _check_file(path: str, size: tuple | None) -> tuple[str, str] | None:
+def _check_file(path: str, size: tuple | None, full_decode: bool) -> tuple[str, str] | None:
     """None for a good file, else (kind of problem, what was found)."""
     try:
         with Image.open(path) as image:
             decoded = image.size
+            if full_decode:
+                image.load()
             try:
                 orientation = image.getexif().get(_EXIF_ORIENTATION)
             except Exception:  # Detectron2's read_image ignores unreadable EXIF the same way

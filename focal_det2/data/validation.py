@@ -48,8 +48,8 @@ def validate_datasets(cfg: CfgNode, *, num_threads: int | None = None) -> list[D
     """
     Validate the COCO-format datasets of ``DATASETS.TRAIN`` and ``DATASETS.TEST`` (those whose
     metadata has a ``json_file``, as ``register_coco_instances`` sets; those whose files are
-    made on first use are made first, see ``PREPARE_FILES_KEY``) and apply
-    ``DATASETS.INVALID_POLICY``.
+    made on first use are made first, see ``PREPARE_FILES_KEY``), decoding every image's pixels
+    with ``DATASETS.VALIDATE_FULL_DECODE``, and apply ``DATASETS.INVALID_POLICY``.
 
     "error": raise if any dataset has a problem; nothing is written. "skip": write each
     invalid dataset's json without its bad records (bad images with their annotations) to
@@ -80,7 +80,12 @@ def validate_datasets(cfg: CfgNode, *, num_threads: int | None = None) -> list[D
         files = _coco_files(name)
         if files is None:
             continue
-        dataset, report = read_and_check_coco_dataset(*files, name, num_threads=num_threads)
+        dataset, report = read_and_check_coco_dataset(
+            *files,
+            name,
+            num_threads=num_threads,
+            full_decode=cfg.DATASETS.VALIDATE_FULL_DECODE,
+        )
         reports.append(report)
         if report.ok:
             continue

@@ -202,7 +202,11 @@ class FocalRetinaNet(RetinaNet):
         storage.put_scalar("num_pos_anchors", num_pos_anchors / num_images)
         normalizer = self._loss_normalizer(num_pos_anchors)
 
-        logits = cat(pred_logits, dim=1)
+        # Under mixed precision (autocast) the head's outputs are float16/bfloat16: the losses,
+        # sums over ~1e5-1e6 terms, and the scores of the diagnostics are computed in float32.
+        # A no-op for float32 outputs.
+        logits = cat(pred_logits, dim=1).float()
+        deltas = cat(pred_anchor_deltas, dim=1).float()
         anchor_boxes = Boxes.cat(anchors).tensor
         loss_cls = self.cls_loss(logits, gt_labels, anchor_boxes)
         if self.cls_loss.normalize_by_num_foreground:
@@ -213,7 +217,7 @@ class FocalRetinaNet(RetinaNet):
         loss_box_reg = _dense_box_regression_loss(
             [anchor_boxes[fg_anchor_index]],
             self.box2box_transform,
-            [cat(pred_anchor_deltas, dim=1)[pos_mask][None]],
+            [deltas[pos_mask][None]],
             [torch.stack(gt_boxes)[pos_mask]],
             torch.ones_like(fg_anchor_index, dtype=torch.bool)[None],
             box_reg_loss_type=self.box_reg_loss_type,
@@ -221,7 +225,17 @@ class FocalRetinaNet(RetinaNet):
         )
         if self.diagnostics_period > 0 and storage.iter % self.diagnostics_period == 0:
             storage.put_scalars(**self.imbalance_diagnostics(logits.detach(), gt_labels))
-        return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
+        losses = {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / normalizer}
+        # For the post-mortem of a non-finite loss (FocalTrainer): detached tensors and two
+        # reductions, so recording them every step costs no device synchronisation.
+        self.last_loss_stats = {
+            **{name: loss.detach() for name, loss in losses.items()},
+            "num_pos_anchors": num_pos_anchors,
+            "loss_normalizer": normalizer,
+            "max_abs_logit": torch.stack(torch.aminmax(logits.detach())).abs().max(),
+            "max_abs_box_delta": torch.stack(torch.aminmax(deltas.detach())).abs().max(),
+        }
+        return losses
 
     def _loss_normalizer(self, num_pos_anchors: int) -> float:
         """
