@@ -23,8 +23,8 @@ from focal_det2 import add_focal_config
 from focal_det2.anchor_coverage import log_anchor_coverage
 from focal_det2.data import DatasetValidationError, register_coco_datasets, validate_datasets
 from focal_det2.engine import FocalTrainer as Trainer
-from focal_det2.lint import ConfigLintError, check_config
 from focal_det2.engine import TrainingStopped, forward_stop_signals
+from focal_det2.lint import ConfigLintError, check_config
 from focal_det2.weights import WeightsError, load_weights
 
 logger = logging.getLogger("focal_det2")
