@@ -94,8 +94,10 @@ def test_predict_draws_every_image_and_matches_default_predictor(
         boxes = instances.pred_boxes.tensor.numpy()
         expected_xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
         assert len(ours) == len(instances)
-        np.testing.assert_allclose([d["bbox"] for d in ours], expected_xywh, atol=1e-3)
-        np.testing.assert_allclose([d["score"] for d in ours], instances.scores.numpy(), atol=1e-5)
+        ours_xywh = np.array([d["bbox"] for d in ours]).reshape(-1, 4)
+        np.testing.assert_allclose(ours_xywh, expected_xywh, atol=1e-3)
+        ours_scores = np.array([d["score"] for d in ours])
+        np.testing.assert_allclose(ours_scores, instances.scores.numpy(), atol=1e-5)
         assert [d["category_id"] for d in ours] == [
             to_dataset_id[c] for c in instances.pred_classes.tolist()
         ]
