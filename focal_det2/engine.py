@@ -7,16 +7,18 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
 import weakref
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader
+from detectron2.data.common import AspectRatioGroupedDataset
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
@@ -222,6 +224,14 @@ class _StopSignals:
                 signal.signal(s, handler)
 
 
+def _ignore_stop_signals(worker_init_fn: Optional[Callable[[int], Any]], worker_id: int) -> None:
+    """A data-loader worker's init: the trainer alone decides when to stop."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
 @contextlib.contextmanager
 def forward_stop_signals() -> Iterator[None]:
     """
@@ -258,34 +268,48 @@ class _CheckedBatches:
         self.device = device
         self.last_batch: Optional[List[Dict[str, Any]]] = None
         self.skipped = 0
+        self._batches: Optional[Iterator] = None
 
-    def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
-        for batch in self.loader:
-            failures = [f for d in batch for f in d.pop(DECODE_FAILURES_KEY, [])]
-            (total,) = _reduce([len(failures)], dist.ReduceOp.SUM, self.device)
-            storage = get_event_storage()
-            if total and self.policy != "skip":
-                cause = failures[0] if failures else "an image of another process (see its log)"
-                raise TrainingStopped(
-                    f"training stopped at iteration {storage.iter}: {cause}. DATASETS."
-                    f"INVALID_POLICY is {self.policy!r}: fix or remove the file, or set it to "
-                    '"skip" to train on without it; DATASETS.VALIDATE_FULL_DECODE True finds '
-                    "such files before training"
-                )
-            for failure in failures:
-                logger.warning(
-                    "%s: sample replaced by another (DATASETS.INVALID_POLICY 'skip')", failure
-                )
-            self.skipped += int(total)
-            storage.put_scalar(SKIPPED_SAMPLES_KEY, self.skipped, smoothing_hint=False)
-            self.last_batch = batch
-            yield batch
+    def __iter__(self) -> "_CheckedBatches":
+        self._batches = iter(self.loader)
+        return self
+
+    def close(self) -> None:
+        """
+        Shut the data-loader workers down (dropping the loader's iterator does): they ignore
+        SIGTERM, with which Python's exit would otherwise end them.
+        """
+        self._batches = None
+
+    def __next__(self) -> List[Dict[str, Any]]:
+        if self._batches is None:
+            raise StopIteration
+        batch = next(self._batches)
+        failures = [f for d in batch for f in d.pop(DECODE_FAILURES_KEY, [])]
+        (total,) = _reduce([len(failures)], dist.ReduceOp.SUM, self.device)
+        storage = get_event_storage()
+        if total and self.policy != "skip":
+            cause = failures[0] if failures else "an image of another process (see its log)"
+            raise TrainingStopped(
+                f"training stopped at iteration {storage.iter}: {cause}. DATASETS."
+                f"INVALID_POLICY is {self.policy!r}: fix or remove the file, or set it to "
+                '"skip" to train on without it; DATASETS.VALIDATE_FULL_DECODE True finds '
+                "such files before training"
+            )
+        for failure in failures:
+            logger.warning(
+                "%s: sample replaced by another (DATASETS.INVALID_POLICY 'skip')", failure
+            )
+        self.skipped += int(total)
+        storage.put_scalar(SKIPPED_SAMPLES_KEY, self.skipped, smoothing_hint=False)
+        self.last_batch = batch
+        return batch
 
 
 def _number(value: Any) -> Any:
     """A float for JSON: non-finite values as the strings "nan", "inf", "-inf"."""
     value = float(value)
-    return value if torch.isfinite(torch.tensor(value)) else str(value)
+    return value if math.isfinite(value) else str(value)
 
 
 class FocalTrainer(DefaultTrainer):
@@ -314,9 +338,15 @@ class FocalTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's loader with :class:`FocalDatasetMapper`, its batches checked by
-        :class:`_CheckedBatches`."""
+        """Detectron2's loader with :class:`FocalDatasetMapper`, its workers ignoring the stop
+        signals, its batches checked by :class:`_CheckedBatches`."""
         loader = build_detection_train_loader(cfg, mapper=FocalDatasetMapper(cfg, is_train=True))
+        # A scheduler signals every process of a job (SLURM at preemption, a terminal's Ctrl-C):
+        # a worker would die of SIGTERM, and its death end the trainer at once.
+        torch_loader = loader.dataset if isinstance(loader, AspectRatioGroupedDataset) else loader
+        torch_loader.worker_init_fn = functools.partial(
+            _ignore_stop_signals, torch_loader.worker_init_fn
+        )
         return _CheckedBatches(loader, cfg.DATASETS.INVALID_POLICY, cfg.MODEL.DEVICE)
 
     def resume_or_load(self, resume: bool = True) -> None:
@@ -346,7 +376,10 @@ class FocalTrainer(DefaultTrainer):
 
     def train(self):
         with self._signals.installed():
-            return super().train()
+            try:
+                return super().train()
+            finally:
+                self._batches.close()
 
     def run_step(self):
         try:

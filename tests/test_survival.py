@@ -88,11 +88,12 @@ def limit_file_size():
 def test_sigterm_full_disk_and_resume_lose_no_iteration(tiny_coco, tmp_path):
     args = small_args(tiny_coco, tmp_path, "SOLVER.MAX_ITER", "60", "DATALOADER.NUM_WORKERS", "1")
     log = tmp_path / "first.log"
-    process = start_train_net(args, log)
+    process = start_train_net(args, log, start_new_session=True)
     wait_for(log, r"Starting training from iteration 0", process)
     # A random moment of the first iterations (the first one compiles the loss: seconds).
     time.sleep(random.uniform(0.0, 3.0))
-    process.send_signal(signal.SIGTERM)
+    # To every process, data-loader worker included, as SLURM and a terminal's Ctrl-C do.
+    os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     output = log.read_text()
     stop = re.search(
