@@ -12,8 +12,8 @@ clipped to [0.01, 0.99], with n_k the number of (non-crowd) instances of class k
 class r times rarer weighs its positives r^p times more against its negatives.
 
 Only training uses alpha: a model built for inference where the training sets are not
-registered (export, prediction) gets ``FOCAL_LOSS_ALPHA``, and the state dict is the same either
-way.
+registered or their files are missing (export, prediction) gets ``FOCAL_LOSS_ALPHA``, and the
+state dict is the same either way.
 """
 
 import logging
@@ -148,8 +148,10 @@ def class_alpha_from_config(cfg: CN) -> Union[float, Tensor]:
             if not train_sets:
                 raise KeyError("DATASETS.TRAIN is empty")
             counts = count_instances(train_sets, cfg.MODEL.RETINANET.NUM_CLASSES)
-        except KeyError as e:
-            # Inference never uses alpha: a model built to predict or export still builds.
+        except (KeyError, OSError) as e:
+            # Not registered here, or their files are not: inference never uses alpha, so a
+            # model built to predict or export still builds. Training would fail on loading
+            # the same datasets.
             logger.info(
                 "MODEL.FOCAL_RETINANET.CLASS_ALPHA_FROM_FREQUENCY: the training sets %s are not "
                 "available (%s); the loss uses MODEL.RETINANET.FOCAL_LOSS_ALPHA = %s for every "
