@@ -433,14 +433,15 @@ class FocalTrainer(DefaultTrainer):
     def _write_nonfinite_report(self) -> str:
         """Write ``OUTPUT_DIR/nonfinite_iter_<N>.json`` and return its path."""
         model = _unwrap(self.model)
-        stats = {k: _number(v) for k, v in getattr(model, "last_loss_stats", {}).items()}
+        stats = dict(getattr(model, "last_loss_stats", {}))
+        losses = stats.pop("losses", {})
         groups = self.optimizer.param_groups
         report = {
             "iteration": self.iter,
-            "losses": {k: v for k, v in stats.items() if k.startswith("loss_")},
+            "losses": {k: _number(v) for k, v in losses.items()},
             # The LR of the largest parameter group, as Detectron2's LRScheduler hook logs it.
             "lr": max(groups, key=lambda g: len(g["params"]))["lr"],
-            **{k: v for k, v in stats.items() if not k.startswith("loss_")},
+            **{k: _number(v) for k, v in stats.items()},
             "images": [
                 {
                     "file_name": d.get("file_name"),

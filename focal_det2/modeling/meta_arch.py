@@ -229,7 +229,7 @@ class FocalRetinaNet(RetinaNet):
         # For the post-mortem of a non-finite loss (FocalTrainer): detached tensors and two
         # reductions, so recording them every step costs no device synchronisation.
         self.last_loss_stats = {
-            **{name: loss.detach() for name, loss in losses.items()},
+            "losses": {name: loss.detach() for name, loss in losses.items()},
             "num_pos_anchors": num_pos_anchors,
             "loss_normalizer": normalizer,
             "max_abs_logit": torch.stack(torch.aminmax(logits.detach())).abs().max(),
