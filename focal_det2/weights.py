@@ -39,18 +39,7 @@ def load_weights(model: torch.nn.Module, path: str) -> Dict[str, Any]:
     """
     if not path:
         raise WeightsError("no weights file given (MODEL.WEIGHTS is empty)")
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path}: weights file not found")
-    checkpointer = _StrictCheckpointer(model)
-    try:
-        return checkpointer.load(path, checkpointables=[])
-    except WeightsError as e:
-        raise WeightsError(f"{path}: {e}") from None
-    except Exception as e:
-        raise WeightsError(
-            f"{path}: not a readable checkpoint (truncated or another kind of file?): "
-            f"{type(e).__name__}: {e}"
-        ) from e
+    return _load(_CheckingCheckpointer(model, strict=True, drop_classifier=False), path)
 
 
 def load_initial_weights(
@@ -82,7 +71,10 @@ def load_initial_weights(
     """
     if not path:
         return {}
-    checkpointer = _InitialWeightsCheckpointer(model, drop_classifier=drop_classifier)
+    return _load(_CheckingCheckpointer(model, strict=False, drop_classifier=drop_classifier), path)
+
+
+def _load(checkpointer: "_CheckingCheckpointer", path: str) -> Dict[str, Any]:
     local_path = path
     if "://" in path:
         try:
@@ -102,11 +94,16 @@ def load_initial_weights(
         ) from e
 
 
-class _InitialWeightsCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that raises for weights of other shapes or of another model."""
+class _CheckingCheckpointer(DetectionCheckpointer):
+    """
+    ``DetectionCheckpointer`` that raises where Detectron2 would only log a warning: for weights
+    of other shapes, and either (``strict``) for any weight the file lacks or the model lacks,
+    or for a file that sets none of the model's weights (another architecture).
+    """
 
-    def __init__(self, model: torch.nn.Module, *, drop_classifier: bool):
+    def __init__(self, model: torch.nn.Module, *, strict: bool, drop_classifier: bool):
         super().__init__(model)
+        self.strict = strict
         self.drop_classifier = drop_classifier
 
     def _load_model(self, checkpoint: Any):
@@ -117,35 +114,7 @@ class _InitialWeightsCheckpointer(DetectionCheckpointer):
                 k: v for k, v in checkpoint["model"].items() if _CLASSIFIER_KEY not in k
             }
         # fvcore renames (prefix "module.") and drops (other shapes) this dict's entries in place.
-        weights = checkpoint["model"]
-        incompatible = super()._load_model(checkpoint)
-        if incompatible.incorrect_shapes:
-            shapes = [
-                f"{key} {tuple(in_file)} in the file, {tuple(in_model)} in the model"
-                for key, in_file, in_model in incompatible.incorrect_shapes
-            ]
-            problem = "weights do not fit the model: shapes differ: " + _listed(shapes)
-            if any(_CLASSIFIER_KEY in key for key, _, _ in incompatible.incorrect_shapes):
-                problem += (
-                    " (a classifier of another number of classes: set "
-                    "MODEL.RETINANET.NUM_CLASSES to the file's, or "
-                    "MODEL.FOCAL_RETINANET.WEIGHTS_DROP_CLASSIFIER True to fine-tune it anew)"
-                )
-            raise WeightsError(problem)
-        if set(weights) <= set(incompatible.unexpected_keys):
-            raise WeightsError(
-                f"none of the file's {len(weights)} weights is one of the model's "
-                "(weights of another architecture?)"
-            )
-        return incompatible
-
-
-class _StrictCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that raises where Detectron2 would only log a warning."""
-
-    def _load_model(self, checkpoint: Any):
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-            raise WeightsError("not a checkpoint: no state dict of a model inside")
+        num_weights = len(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)
         problems = []
         if incompatible.incorrect_shapes:
@@ -154,13 +123,24 @@ class _StrictCheckpointer(DetectionCheckpointer):
                 for key, in_file, in_model in incompatible.incorrect_shapes
             ]
             problem = "shapes differ: " + _listed(shapes)
-            if any(".cls_score." in key for key, _, _ in incompatible.incorrect_shapes):
-                problem += " (a different number of classes: MODEL.RETINANET.NUM_CLASSES)"
+            if any(_CLASSIFIER_KEY in key for key, _, _ in incompatible.incorrect_shapes):
+                hint = "set MODEL.RETINANET.NUM_CLASSES to the file's"
+                if not self.strict:
+                    hint += (
+                        ", or MODEL.FOCAL_RETINANET.WEIGHTS_DROP_CLASSIFIER True to fine-tune it"
+                    )
+                problem += f" (a classifier of another number of classes: {hint})"
             problems.append(problem)
-        if incompatible.missing_keys:
-            problems.append("missing from the file: " + _listed(incompatible.missing_keys))
-        if incompatible.unexpected_keys:
-            problems.append("not in the model: " + _listed(incompatible.unexpected_keys))
+        if self.strict:
+            if incompatible.missing_keys:
+                problems.append("missing from the file: " + _listed(incompatible.missing_keys))
+            if incompatible.unexpected_keys:
+                problems.append("not in the model: " + _listed(incompatible.unexpected_keys))
+        elif len(incompatible.unexpected_keys) >= num_weights:
+            problems.append(
+                f"none of the file's {num_weights} weights is one of the model's "
+                "(weights of another architecture?)"
+            )
         if problems:
             raise WeightsError("weights do not fit the model: " + "; ".join(problems))
         return incompatible
