@@ -154,7 +154,10 @@ def test_equal_per_class_alphas_are_the_scalar_alpha(name):
 
 
 def test_class_alpha_from_frequency_counts_the_training_sets(caplog):
-    _register("alpha_counts", _records_with_counts([8, 4, 2, 1]), ["cat", "dog", "owl", "yak"])
+    records, loads = _records_with_counts([8, 4, 2, 1]), []
+    _register("alpha_counts", records, ["cat", "dog", "owl", "yak"])
+    DatasetCatalog.remove("alpha_counts")
+    DatasetCatalog.register("alpha_counts", lambda: loads.append(1) or records)
     cfg = _cfg(
         "DATASETS.TRAIN",
         "('alpha_counts',)",
@@ -164,10 +167,12 @@ def test_class_alpha_from_frequency_counts_the_training_sets(caplog):
         "0.5",
     )
     with caplog.at_level(logging.INFO, logger="focal_det2"):
-        loss = build_cls_loss(cfg)
+        loss = build_model(cfg).cls_loss
     torch.testing.assert_close(loss.alpha, alpha_from_frequency([8, 4, 2, 1], 0.25, 0.5))
     assert loss.alpha[3] > loss.alpha[2] > 0.25 > loss.alpha[0]
-    # Logged once, with the class names.
+    # The model builds its loss twice (the head asks it for its logits): loaded and logged once,
+    # with the class names.
+    assert len(loads) == 1 and caplog.text.count("Per-class alpha") == 1
     for line in ("cat: alpha 0.1", "yak: alpha 0.3", "(1 instances)"):
         assert line in caplog.text
 

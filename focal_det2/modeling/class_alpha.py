@@ -18,12 +18,13 @@ state dict is the same either way.
 
 import logging
 import math
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.logger import log_first_n
 from torch import Tensor
 
 __all__ = [
@@ -39,6 +40,11 @@ logger = logging.getLogger(__name__)
 #: Bounds of a derived per-class alpha: neither the positives nor the negatives of a class
 #: lose all their weight, even for a class absent from the training set.
 CLASS_ALPHA_CLIP = (0.01, 0.99)
+
+# Instance counts per (dataset name, its registered loader, number of classes): building a model
+# builds its loss twice (the head asks it for its logits), and records load in seconds to
+# minutes. A dataset registered again gets a new loader, so a new entry.
+_COUNTS: Dict[Tuple[str, Any, int], np.ndarray] = {}
 
 
 def alpha_from_frequency(counts: Sequence[int], alpha: float, power: float) -> Tensor:
@@ -76,23 +82,31 @@ def count_instances(dataset_names: Sequence[str], num_classes: int) -> List[int]
     """
     counts = np.zeros(num_classes, dtype=np.int64)
     for name in dataset_names:
-        ids = np.asarray(
-            [
-                a["category_id"]
-                for record in DatasetCatalog.get(name)
-                for a in record.get("annotations", ())
-                if not a.get("iscrowd", 0)
-            ],
-            dtype=np.int64,
-        )
-        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
-            bad = int(ids.min() if ids.min() < 0 else ids.max())
-            raise ValueError(
-                f"dataset {name!r} has category id {bad}, outside the "
-                f"MODEL.RETINANET.NUM_CLASSES = {num_classes} classes (0..{num_classes - 1})."
-            )
-        counts += np.bincount(ids, minlength=num_classes)
+        key = (name, DatasetCatalog[name], num_classes)
+        if key not in _COUNTS:
+            _COUNTS[key] = _count_dataset(name, num_classes)
+        counts += _COUNTS[key]
     return counts.tolist()
+
+
+def _count_dataset(name: str, num_classes: int) -> np.ndarray:
+    """(K,) instances per class of one dataset's records."""
+    ids = np.asarray(
+        [
+            a["category_id"]
+            for record in DatasetCatalog.get(name)
+            for a in record.get("annotations", ())
+            if not a.get("iscrowd", 0)
+        ],
+        dtype=np.int64,
+    )
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        bad = int(ids.min() if ids.min() < 0 else ids.max())
+        raise ValueError(
+            f"dataset {name!r} has category id {bad}, outside the "
+            f"MODEL.RETINANET.NUM_CLASSES = {num_classes} classes (0..{num_classes - 1})."
+        )
+    return np.bincount(ids, minlength=num_classes)
 
 
 def check_class_alpha_config(cfg: CN) -> None:
@@ -173,7 +187,13 @@ def class_alpha_from_config(cfg: CN) -> Union[float, Tensor]:
         f"  {name}: alpha {a:.3f}" + ("" if counts is None else f" ({counts[i]} instances)")
         for i, (name, a) in enumerate(zip(names, class_alpha.tolist()))
     ]
-    logger.info("Per-class alpha of the classification loss (%s):\n%s", source, "\n".join(lines))
+    # Once per process and setting, however many times the loss is built.
+    log_first_n(
+        logging.INFO,
+        f"Per-class alpha of the classification loss ({source}):\n" + "\n".join(lines),
+        name=__name__,
+        key="message",
+    )
     return class_alpha
 
 
