@@ -23,6 +23,8 @@ def atomic_open(path: str, mode: str) -> Iterator[IO]:
     folder, name = os.path.split(path)
     fd, tmp_path = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}.", suffix=".tmp")
     try:
+        # mkstemp's file is private (0600); the result gets the mode open() would give it.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -31,6 +33,12 @@ def atomic_open(path: str, mode: str) -> Iterator[IO]:
     except BaseException:
         os.unlink(tmp_path)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str, write: Callable[[IO], Any], mode: str) -> None:

@@ -288,7 +288,10 @@ class TrainingReportHook(HookBase):
             self.write()
 
     def after_train(self):
-        self.write()
+        # As Detectron2's EvalHook: nothing at a stop before the end (a preempted run must exit
+        # within its grace period; the report comes with the run that finishes).
+        if self.trainer.iter + 1 >= self.trainer.max_iter:
+            self.write()
 
     def write(self) -> None:
         """Write every figure that has its data; log a warning for each that fails."""
