@@ -21,7 +21,12 @@ from torch.multiprocessing import ProcessExitedException
 
 from focal_det2 import add_focal_config
 from focal_det2.anchor_coverage import log_anchor_coverage
-from focal_det2.data import DatasetValidationError, register_coco_datasets, validate_datasets
+from focal_det2.data import (
+    DatasetValidationError,
+    add_register_coco_argument,
+    register_coco_datasets,
+    validate_datasets,
+)
 from focal_det2.engine import FocalTrainer as Trainer
 from focal_det2.engine import TrainingStopped, forward_stop_signals
 from focal_det2.lint import ConfigLintError, check_config
@@ -96,14 +101,7 @@ def main(args):
 
 def argument_parser():
     parser = default_argument_parser()
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME for DATASETS.TRAIN/TEST (repeatable)",
-    )
+    add_register_coco_argument(parser)
     return parser
 
 

@@ -412,7 +412,7 @@ def log_anchor_coverage(cfg: CN) -> AnchorCoverage:
 def main(argv: Optional[Sequence[str]] = None) -> AnchorCoverage:
     """The command line: print the table and the suggestion, write the PNG."""
     from .config import add_focal_config
-    from .data import register_coco_datasets
+    from .data import add_register_coco_argument, register_coco_datasets
 
     parser = argparse.ArgumentParser(
         prog="python -m focal_det2.anchor_coverage", description=__doc__.split("\n\n")[0]
@@ -421,14 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> AnchorCoverage:
     parser.add_argument(
         "--output", default=".", metavar="DIR", help="folder of anchor_coverage.png (default .)"
     )
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME (repeatable), as train_net.py does",
-    )
+    add_register_coco_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs of the config")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config_file):

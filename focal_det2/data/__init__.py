@@ -11,7 +11,7 @@ from .coco_checks import (
     validate_coco_dataset,
 )
 from .demo import ensure_demo_data, generate_demo_data, register_demo_datasets
-from .user_coco import register_coco_datasets
+from .user_coco import add_register_coco_argument, register_coco_datasets
 from .validation import PREPARE_FILES_KEY, DatasetValidationError, validate_datasets
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "cleaned_coco_dict",
     "ensure_demo_data",
     "generate_demo_data",
+    "add_register_coco_argument",
     "read_and_check_coco_dataset",
     "register_coco_datasets",
     "register_demo_datasets",

@@ -1,12 +1,13 @@
 """COCO-format datasets named on the command line (``train_net.py --register-coco``)."""
 
+import argparse
 import os
 from typing import Iterable, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-__all__ = ["register_coco_datasets"]
+__all__ = ["add_register_coco_argument", "register_coco_datasets"]
 
 
 def register_coco_datasets(specs: Iterable[Sequence[str]]) -> None:
@@ -35,3 +36,15 @@ def register_coco_datasets(specs: Iterable[Sequence[str]]) -> None:
                 continue  # registered by an earlier call in this process
             raise ValueError(f"--register-coco {name}: a dataset of this name already exists")
         register_coco_instances(name, {}, json_file, image_root)
+
+
+def add_register_coco_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) to a command's arguments."""
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME for DATASETS.TRAIN/TEST (repeatable)",
+    )

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from detectron2.utils.logger import setup_logger
 
-from ..data import register_coco_datasets
+from ..data import add_register_coco_argument, register_coco_datasets
 from .config import load_config
 from .figure4 import run_figure4
 from .sweep import parse_set, run_sweep
@@ -20,14 +20,7 @@ from .sweep import parse_set, run_sweep
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-file", required=True, metavar="FILE", help="the config")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder of the results")
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset, as train_net.py does (repeatable)",
-    )
+    add_register_coco_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
 
 
