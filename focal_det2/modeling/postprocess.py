@@ -125,19 +125,22 @@ def _top_k_per_segment(
 
     Args:
         segment: (M,) int64 segment ids in [0, num_segments).
-        scores: (M,) scores.
+        scores: (M,) scores in [0, 1].
         k: how many to keep per segment.
         num_segments: the number of segments.
         valid: (M,) bool, or None: only valid entries are kept, and they rank first.
 
     Returns:
-        (M',) int64 indices into the M entries, ordered by segment and then by descending score
-        (ties in the order of the entries).
+        (M',) int64 indices into the M entries, ordered by segment and then by descending
+        score.
     """
+    # One ascending sort (ONNX has no stable sort to chain two): by segment, then by descending
+    # score, invalid entries last. In float64 beside segment ids below 1,000, distinct float32
+    # scores above 1e-5 stay distinct.
+    sort_scores = scores.to(torch.float64)
     if valid is not None:
-        scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
-    order = scores.sort(descending=True, stable=True).indices
-    order = order[segment[order].sort(stable=True).indices]
+        sort_scores = torch.where(valid, sort_scores, torch.full_like(sort_scores, -1.0))
+    order = (segment.to(torch.float64) * 4 - sort_scores).sort().indices
     segment = segment[order]
     # Rank within the segment: position minus the segment's first position.
     counts = (segment[:, None] == torch.arange(num_segments, device=segment.device)).sum(0)

@@ -1,0 +1,192 @@
+"""
+CPU inference latency, batch 1: Detectron2's RetinaNet, FocalRetinaNet eager and FocalRetinaNet
+exported to ONNX in onnxruntime, side by side in one run, on the same weights.
+
+    .venv/bin/python benchmarks/bench_inference.py [--settings demo r50] [--reps 20]
+
+Settings: "demo", the demo model (``configs/demo.yaml``) at its test size (256 px), and "r50",
+R50-FPN (``configs/retinanet_R50_FPN.yaml``) at 800 px. Weights are random (identical in the
+three models), with the classifier bias set so that about 0.3% of the (anchor, class) pairs
+of the benchmark image score above ``TEST.SCORE_THRESH_TEST``: the post-processing sees
+thousands of candidates, as with a trained model on a busy image. The image is a resized
+embedded demo image, 3 x S x 1.33S (S the test size), given to each model as ``DefaultPredictor``
+gives it (float pixels for the eager models, uint8 for the ONNX graph).
+
+Per model: the median latency over the repetitions (order rotated, after warm-up), the
+speed-up over Detectron2 (median of the per-repetition ratios) and, for the eager models, the
+share of the latency after the head (anchors, scoring, top-k, decoding, NMS, resizing the
+boxes), timed in a separate call split at the head. The ONNX graph runs as one call: its
+post-processing share is not measured.
+"""
+
+import argparse
+import datetime
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import detector_postprocess
+
+from focal_det2 import add_focal_config
+from focal_det2.export import OnnxPredictor, export
+
+from common import load, machine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = {
+    "demo": ("configs/demo.yaml", 256),
+    "r50": ("configs/retinanet_R50_FPN.yaml", 800),
+}
+MODELS = ("Detectron2 RetinaNet", "FocalRetinaNet eager", "FocalRetinaNet onnxruntime")
+CANDIDATE_SHARE = 0.003
+
+
+def build_cfg(config: str, size: int):
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, config))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.INPUT.MIN_SIZE_TEST = size
+    cfg.INPUT.MAX_SIZE_TEST = 1333
+    return cfg
+
+
+def make_image(size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    # Smooth random structure: blurred noise, so that features vary as on a photograph.
+    noise = torch.rand(1, 3, size // 8, size * 4 // 24, generator=g)
+    image = torch.nn.functional.interpolate(noise, size=(size, size * 4 // 3), mode="bilinear")
+    return (image[0] * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def set_candidate_share(model, image: torch.Tensor, share: float) -> None:
+    """Shift the classifier bias so that ``share`` of the (anchor, class) scores pass."""
+    images = model.preprocess_image([{"image": image.float()}])
+    features = model.backbone(images.tensor)
+    logits, _ = model.head([features[f] for f in model.head_in_features])
+    values = torch.cat([x.flatten() for x in logits])
+    threshold = torch.logit(torch.tensor(model.test_score_thresh))
+    bias_shift = threshold - torch.quantile(values[:: max(1, len(values) // 1_000_000)], 1 - share)
+    model.head.cls_score.bias += bias_shift
+
+
+def eager_call(model, image: torch.Tensor) -> Callable[[], None]:
+    inputs = [{"image": image.float(), "height": image.shape[1], "width": image.shape[2]}]
+
+    def run():
+        with torch.no_grad():
+            model(inputs)
+
+    return run
+
+
+@torch.no_grad()
+def post_share(model, image: torch.Tensor, reps: int) -> float:
+    """Median share of the latency after the head, over ``reps`` calls split at the head."""
+    inputs = [{"image": image.float(), "height": image.shape[1], "width": image.shape[2]}]
+    shares = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        images = model.preprocess_image(inputs)
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        predictions = model.head(features)
+        middle = time.perf_counter()
+        results = model.forward_inference(images, features, predictions)
+        detector_postprocess(results[0], image.shape[1], image.shape[2])
+        end = time.perf_counter()
+        shares.append((end - middle) / (end - start))
+    return statistics.median(shares)
+
+
+def bench_setting(name: str, reps: int, warmup: int, workdir: str) -> List[str]:
+    config, size = SETTINGS[name]
+    cfg = build_cfg(config, size)
+    image = make_image(size)
+    torch.manual_seed(0)
+    ours = build_model(cfg).eval()
+    set_candidate_share(ours, image, CANDIDATE_SHARE)
+    d2_cfg = cfg.clone()
+    d2_cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    reference = build_model(d2_cfg).eval()
+    # Detectron2's model as it builds it (NCHW), ours with its configured memory format.
+    reference.load_state_dict(ours.state_dict())
+
+    onnx_path = os.path.join(workdir, f"{name}.onnx")
+    start = time.perf_counter()
+    export(ours, onnx_path, "onnx", image)
+    export_s = time.perf_counter() - start
+    predictor = OnnxPredictor(cfg, onnx_path)
+    feed = {predictor.input_name: image.numpy()}
+    runs: Dict[str, Callable[[], None]] = {
+        MODELS[0]: eager_call(reference, image),
+        MODELS[1]: eager_call(ours, image),
+        MODELS[2]: lambda: predictor.session.run(None, feed),
+    }
+    detections = len(predictor.session.run(None, feed)[1])
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: Dict[str, List[float]] = {m: [] for m in MODELS}
+    for rep in range(reps):
+        for model_name in MODELS[rep % 3 :] + MODELS[: rep % 3]:
+            start = time.perf_counter()
+            runs[model_name]()
+            times[model_name].append(time.perf_counter() - start)
+    shares = {
+        MODELS[0]: post_share(reference, image, max(3, reps // 2)),
+        MODELS[1]: post_share(ours, image, max(3, reps // 2)),
+    }
+    lines = [
+        f"## {name}: {config}, image {image.shape[1]}x{image.shape[2]}, {detections} detections"
+        f" (ONNX export {export_s:.0f} s)",
+        "",
+        "| model | median (ms) | min-max (ms) | speed-up vs Detectron2 | after the head |",
+        "|---|---|---|---|---|",
+    ]
+    for model_name in MODELS:
+        values = times[model_name]
+        ratio = statistics.median(r / v for r, v in zip(times[MODELS[0]], values))
+        share = f"{100 * shares[model_name]:.1f}%" if model_name in shares else "-"
+        lines.append(
+            f"| {model_name} | {1000 * statistics.median(values):.1f} | "
+            f"{1000 * min(values):.1f}-{1000 * max(values):.1f} | {ratio:.2f}x | {share} |"
+        )
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+
+    load_before = load()
+    with tempfile.TemporaryDirectory() as workdir:
+        tables = [bench_setting(s, args.reps, args.warmup, workdir) for s in args.settings]
+    import onnxruntime
+
+    print("# CPU inference latency, batch 1")
+    print()
+    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"- machine: {machine('cpu')}")
+    print(f"- CPU capability: {torch.backends.cpu.get_cpu_capability()}")
+    print(f"- onnxruntime {onnxruntime.__version__}, numpy {np.__version__}")
+    print(f"- load average before: {load_before}; after: {load()}")
+    print(f"- {args.reps} reps, order rotated, after {args.warmup} warm-up calls of each")
+    print()
+    for lines in tables:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

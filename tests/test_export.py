@@ -1,0 +1,224 @@
+"""
+The exported detector (ONNX in onnxruntime, and the torch.export program) gives the PyTorch
+model's detections; OnnxPredictor gives DefaultPredictor's.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+
+from focal_det2.export import (
+    OnnxPredictor,
+    export_program,
+    load_model,
+    load_program,
+    main,
+    save_program,
+    setup_cfg,
+)
+
+from helpers import REPO, tiny_register_args
+
+# Measured: boxes within 1e-4 px and scores within 1e-6 (ONNX), equal (ExportedProgram).
+BOX_ATOL = 0.01
+SCORE_ATOL = 1e-4
+# The test size of the predictor: the graph takes sides >= MIN_SIDE.
+TEST_SIZE = ("INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "256")
+
+
+def match_detections(ref, out):
+    """
+    Pair each reference detection (boxes (D, 4), scores (D,), classes (D,)) with an unused one
+    of ``out`` of its class and nearest box; returns the largest box and score differences.
+    The order may differ where scores differ by rounding only.
+    """
+    (ref_boxes, ref_scores, ref_classes), (boxes, scores, classes) = ref, out
+    assert len(boxes) == len(ref_boxes) and len(scores) == len(classes) == len(boxes)
+    assert sorted(classes.tolist()) == sorted(ref_classes.tolist())
+    unused = torch.ones(len(boxes), dtype=torch.bool)
+    box_error = score_error = 0.0
+    for box, score, cls in zip(ref_boxes, ref_scores, ref_classes):
+        error = (boxes - box).abs().amax(dim=1)
+        error[(classes != cls) | ~unused] = float("inf")
+        j = int(error.argmin())
+        unused[j] = False
+        box_error = max(box_error, error[j].item())
+        score_error = max(score_error, abs(scores[j].item() - score.item()))
+    return box_error, score_error
+
+
+def pytorch_detections(model, image):
+    with torch.no_grad():
+        instances = model([{"image": image.float()}])[0]["instances"]
+    return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
+
+
+def varied_images(tiny_coco):
+    """24 uint8 (3, H, W) BGR images of different sizes from the demo val images, + grey."""
+    json_file, image_root = tiny_coco["val"]
+    files = [os.path.join(image_root, x["file_name"]) for x in json.load(open(json_file))["images"]]
+    images = []
+    for i, path in enumerate(files):
+        image = read_image(path, format="BGR")  # 320 x 320
+        h, w = 129 + 23 * i, 320 - 17 * i
+        resized = T.ResizeTransform(320, 320, 400 - 31 * i, 140 + 29 * i).apply_image(image)
+        for variant in (
+            image[:, i * 11 :],
+            image[:h, 320 - w :],
+            resized,
+            image[i * 9 :, : 200 + i * 20],
+        ):
+            images.append(torch.from_numpy(np.ascontiguousarray(variant.transpose(2, 0, 1))))
+    assert len({tuple(x.shape) for x in images}) >= 20
+    return images
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tiny_coco, tmp_path_factory):
+    """The trained tiny model, its ONNX file and its ExportedProgram, and the test images."""
+    out = tmp_path_factory.mktemp("exported")
+    weights = str(tiny_checkpoint / "model_final.pth")
+    cfg = setup_cfg(str(tiny_checkpoint / "config.yaml"), ["MODEL.WEIGHTS", weights, *TEST_SIZE])
+    model = load_model(cfg)
+    images = varied_images(tiny_coco)
+    program = export_program(model, images[1])
+    save_program(program, str(out / "model.onnx"), "onnx")
+    save_program(program, str(out / "model.pt2"), "torch_export")
+    return cfg, model, out, images
+
+
+def test_onnx_and_exported_program_give_the_pytorch_detections(exported):
+    import onnxruntime
+
+    cfg, model, out, images = exported
+    session = onnxruntime.InferenceSession(
+        str(out / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    program = load_program(str(out / "model.pt2")).module()
+    grey = torch.full((3, 200, 300), 128, dtype=torch.uint8)
+    num_detections = 0
+    errors = {"onnx": [0.0, 0.0], "pt2": [0.0, 0.0]}
+    for image in images + [grey]:
+        ref = pytorch_detections(model, image)
+        onnx_out = [torch.from_numpy(x) for x in session.run(None, {"image": image.numpy()})]
+        assert onnx_out[2].dtype == torch.int64
+        for name, result in (("onnx", onnx_out), ("pt2", program(image))):
+            box_error, score_error = match_detections(ref, result)
+            errors[name] = [max(errors[name][0], box_error), max(errors[name][1], score_error)]
+        num_detections += len(ref[0])
+    assert len(ref[0]) == 0  # the grey image: nothing, and no error
+    assert num_detections > len(images)
+    for name, (box_error, score_error) in errors.items():
+        print(
+            f"{name}: max box difference {box_error:.2e} px, max score difference {score_error:.2e}"
+        )
+        assert box_error <= BOX_ATOL and score_error <= SCORE_ATOL, name
+
+
+def test_onnx_predictor_gives_default_predictor_detections(exported):
+    cfg, model, out, images = exported
+    reference = DefaultPredictor(cfg)
+    predictor = OnnxPredictor(cfg, str(out / "model.onnx"))
+    num_detections = 0
+    for image in images[:8]:
+        bgr = image.permute(1, 2, 0).numpy()
+        ref = reference(bgr)["instances"]
+        ours = predictor(bgr)["instances"]
+        assert ours.image_size == ref.image_size == bgr.shape[:2]
+        box_error, score_error = match_detections(
+            (ref.pred_boxes.tensor, ref.scores, ref.pred_classes),
+            (ours.pred_boxes.tensor, ours.scores, ours.pred_classes),
+        )
+        assert box_error <= BOX_ATOL and score_error <= SCORE_ATOL
+        num_detections += len(ref)
+    assert num_detections > 0
+
+
+def test_export_follows_the_head_and_loss_registries(tmp_path, tiny_coco):
+    """The GroupNorm head and the softmax focal loss (K + 1 logits, softmax scores) export."""
+    import onnxruntime
+
+    cfg = setup_cfg(
+        str(REPO / "configs" / "demo.yaml"),
+        ["MODEL.RETINANET.NORM", "GN", "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SoftmaxFocalLoss"],
+    )
+    torch.manual_seed(0)
+    model = load_model(cfg)
+    with torch.no_grad():
+        # Background less likely than at initialisation: detections to compare.
+        model.head.cls_score.bias[10::11] = 1.0
+    assert model.head.cls_score.out_channels == 9 * 11
+    images = varied_images(tiny_coco)[:4]
+    save_program(export_program(model, images[1]), str(tmp_path / "m.onnx"), "onnx")
+    session = onnxruntime.InferenceSession(
+        str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]
+    )
+    num_detections = 0
+    for image in images:
+        ref = pytorch_detections(model, image)
+        onnx_out = [torch.from_numpy(x) for x in session.run(None, {"image": image.numpy()})]
+        box_error, score_error = match_detections(ref, onnx_out)
+        assert box_error <= BOX_ATOL and score_error <= SCORE_ATOL
+        num_detections += len(ref[0])
+    assert num_detections > 0
+
+
+def test_export_cli_bad_weights_names_the_file_and_keeps_the_output(tmp_path, capsys):
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"previous export")
+    missing = str(tmp_path / "missing.pth")
+    argv = ["--config-file", str(REPO / "configs" / "demo.yaml"), "--output", str(output)]
+    assert main([*argv, "MODEL.WEIGHTS", missing]) == 2
+    assert missing in capsys.readouterr().err
+    assert output.read_bytes() == b"previous export"
+    with pytest.raises(SystemExit):
+        main([*argv, "--format", "tflite"])
+
+
+def test_onnx_predictor_bad_file_names_it(tmp_path):
+    bad = tmp_path / "not_a_model.onnx"
+    bad.write_text("hello")
+    cfg = setup_cfg(str(REPO / "configs" / "demo.yaml"), [])
+    with pytest.raises(ValueError, match="not_a_model.onnx"):
+        OnnxPredictor(cfg, str(bad))
+
+
+def test_predict_with_onnx_writes_the_pytorch_detections(exported, tiny_checkpoint, tiny_coco):
+    from focal_det2 import predict
+
+    cfg, model, out, images = exported
+    json_file, image_root = tiny_coco["val"]
+    inputs = sorted(os.path.join(image_root, x) for x in os.listdir(image_root))[:2]
+    argv = [
+        "--config-file",
+        str(tiny_checkpoint / "config.yaml"),
+        "--input",
+        *inputs,
+        *tiny_register_args(tiny_coco),
+        "--confidence-threshold",
+        "0.05",
+    ]
+    opts = ["MODEL.WEIGHTS", str(tiny_checkpoint / "model_final.pth"), *TEST_SIZE]
+    results = {}
+    for name, extra in (("eager", []), ("onnx", ["--onnx", str(out / "model.onnx")])):
+        folder = out / f"predict_{name}"
+        assert predict.main([*argv, *extra, "--output", str(folder), *opts]) == 0
+        results[name] = json.loads((folder / "detections.json").read_text())
+    assert len(results["onnx"]) == len(results["eager"]) > 0
+    for path in inputs:
+        ref, ours = (
+            [
+                torch.tensor([d["bbox"] for d in results[name] if d["file_name"] == path]),
+                torch.tensor([d["score"] for d in results[name] if d["file_name"] == path]),
+                torch.tensor([d["category_id"] for d in results[name] if d["file_name"] == path]),
+            ]
+            for name in ("eager", "onnx")
+        )
+        box_error, score_error = match_detections(ref, ours)
+        assert box_error <= BOX_ATOL and score_error <= SCORE_ATOL
