@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .config import add_focal_config
 from .data import register_coco_datasets
+from .export import OnnxPredictor
 from .file_io import atomic_write
 from .weights import WeightsError, load_weights
 
@@ -54,25 +55,32 @@ class Detector:
             category ids in ``thing_dataset_id_to_contiguous_id``).
     """
 
-    def __init__(self, cfg: CfgNode):
+    def __init__(self, cfg: CfgNode, onnx_path: Optional[str] = None):
         """
         Args:
             cfg: a config with ``MODEL.WEIGHTS`` and one dataset in ``DATASETS.TRAIN``.
+            onnx_path: run this file of ``python -m focal_det2.export`` in onnxruntime
+                (:class:`OnnxPredictor`) instead of the PyTorch model; ``MODEL.WEIGHTS`` is
+                then not read.
 
         Raises:
             WeightsError: the weights are missing, unreadable or do not fit the config.
             ValueError: the training dataset is unknown or its classes do not fit the config.
         """
         self.metadata = _training_metadata(cfg)
+        self.score_thresh = cfg.MODEL.RETINANET.SCORE_THRESH_TEST
+        contiguous_to_dataset = {
+            v: k for k, v in self.metadata.get("thing_dataset_id_to_contiguous_id", {}).items()
+        }
+        self.category_ids = [contiguous_to_dataset.get(i, i) for i in range(self.num_classes)]
+        if onnx_path:
+            self.predictor = OnnxPredictor(cfg, onnx_path)
+            return
         random_init = cfg.clone()
         random_init.defrost()
         random_init.MODEL.WEIGHTS = ""
         self.predictor = DefaultPredictor(random_init)
         load_weights(self.predictor.model, cfg.MODEL.WEIGHTS)
-        contiguous_to_dataset = {
-            v: k for k, v in self.metadata.get("thing_dataset_id_to_contiguous_id", {}).items()
-        }
-        self.category_ids = [contiguous_to_dataset.get(i, i) for i in range(self.num_classes)]
 
     @property
     def num_classes(self) -> int:
@@ -86,7 +94,9 @@ class Detector:
         Returns:
             The detections on CPU, boxes in the image's pixels.
         """
-        return self.predictor(image_bgr)["instances"].to("cpu")
+        instances = self.predictor(image_bgr)["instances"].to("cpu")
+        # An exported graph thresholds at its export config's score: apply this one's.
+        return instances[instances.scores > self.score_thresh]
 
     def draw(self, image_bgr: np.ndarray, instances: Instances) -> np.ndarray:
         """The (H, W, 3) BGR image with ``instances`` drawn, labelled by class name and score."""
@@ -247,6 +257,12 @@ def argument_parser() -> argparse.ArgumentParser:
         help="minimum score of a detection to keep (MODEL.RETINANET.SCORE_THRESH_TEST)",
     )
     parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="run this model of python -m focal_det2.export in onnxruntime instead (its score "
+        "threshold is the export config's: --confidence-threshold can only raise it)",
+    )
+    parser.add_argument(
         "--register-coco",
         nargs=3,
         action="append",
@@ -295,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         register_coco_datasets(args.register_coco)
         cfg = setup_cfg(args)
-        detector = Detector(cfg)
+        detector = Detector(cfg, args.onnx)
     except (ValueError, WeightsError) as e:
         sys.exit(f"predict: {e}")
 
