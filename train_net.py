@@ -8,19 +8,16 @@ Train and evaluate FocalRetinaNet with Detectron2's trainer.
 
 import contextlib
 import logging
-import os
 import sys
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
-from focal_det2 import add_focal_config
 from focal_det2.anchor_coverage import log_anchor_coverage
+from focal_det2.config import load_config
 from focal_det2.data import (
     DatasetValidationError,
     add_register_coco_argument,
@@ -45,20 +42,12 @@ def setup(args):
         register_coco_datasets(args.register_coco)
     except ValueError as e:
         sys.exit(f"train_net.py: {e}")
-    if not args.config_file or not os.path.isfile(args.config_file):
-        sys.exit(f"train_net.py: config file not found: {args.config_file!r}")
-    cfg = get_cfg()
-    add_focal_config(cfg)
     try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, ValueError, AssertionError, TypeError) as e:
-        sys.exit(f"train_net.py: invalid config ({args.config_file}, command line): {e}")
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+        cfg = load_config(args.config_file, args.opts)
+    except ValueError as e:
+        sys.exit(f"train_net.py: {e}")
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         sys.exit("train_net.py: SOLVER.AMP.ENABLED needs CUDA (Detectron2's AMPTrainer)")
-    cfg.freeze()
     # Before default_setup creates OUTPUT_DIR: with the "error" policy, a bad dataset leaves
     # nothing behind.
     try:

@@ -32,7 +32,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import build_augmentation
@@ -411,7 +410,7 @@ def log_anchor_coverage(cfg: CN) -> AnchorCoverage:
 
 def main(argv: Optional[Sequence[str]] = None) -> AnchorCoverage:
     """The command line: print the table and the suggestion, write the PNG."""
-    from .config import add_focal_config
+    from .config import load_config
     from .data import add_register_coco_argument, register_coco_datasets
 
     parser = argparse.ArgumentParser(
@@ -424,16 +423,11 @@ def main(argv: Optional[Sequence[str]] = None) -> AnchorCoverage:
     add_register_coco_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs of the config")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.config_file):
-        parser.error(f"config file not found: {args.config_file!r}")
     try:
         register_coco_datasets(args.register_coco)
-        cfg = get_cfg()
-        add_focal_config(cfg)
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, ValueError, AssertionError, TypeError) as e:
-        parser.error(f"invalid config ({args.config_file}, command line): {e}")
+        cfg = load_config(args.config_file, args.opts)
+    except ValueError as e:
+        parser.error(str(e))
     report = anchor_coverage(cfg)
     print(report.summary())
     print()

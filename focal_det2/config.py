@@ -1,6 +1,13 @@
 """Config keys of focal_det2. Detectron2's ``MODEL.RETINANET.*`` keys keep their meaning."""
 
+import os
+from typing import Sequence
+
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_focal_config", "load_config"]
 
 
 def add_focal_config(cfg: CN) -> None:
@@ -75,3 +82,26 @@ def add_focal_config(cfg: CN) -> None:
     # COCOeval implementation of the COCO evaluation: "faster_coco_eval" (compiled, needs no
     # Detectron2 _C) or "pycocotools" (the official Python code); both give the same numbers.
     _C.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """
+    The frozen config of ``config_file`` with the plugin's keys and the ``KEY VALUE`` overrides
+    ``opts``, as every command of the project builds it (CPU when CUDA is not available).
+
+    Raises:
+        ValueError: naming the file, or the file and the key, when either is invalid.
+    """
+    if not config_file or not os.path.isfile(config_file):
+        raise ValueError(f"config file not found: {config_file!r}")
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise ValueError(f"invalid config ({config_file}, command line): {e}") from e
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from focal_det2.config import load_config
 from focal_det2.paper import (
     collect_samples,
     cumulative_loss_curve,
@@ -18,7 +19,6 @@ from focal_det2.paper import (
     run_name,
 )
 from focal_det2.paper.__main__ import main
-from focal_det2.paper.config import load_config
 from focal_det2.paper.figure4 import labelled_test_loader
 
 from helpers import REPO

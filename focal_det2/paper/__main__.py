@@ -11,8 +11,8 @@ from typing import List, Optional
 
 from detectron2.utils.logger import setup_logger
 
+from ..config import load_config
 from ..data import add_register_coco_argument, register_coco_datasets
-from .config import load_config
 from .figure4 import run_figure4
 from .sweep import parse_set, run_sweep
 

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..config import load_config
 from ..file_io import atomic_write
 from ..modeling import check_focal_config
-from .config import load_config
 
 __all__ = [
     "TRAIN_NET",
