@@ -30,7 +30,7 @@ from focal_det2.modeling.losses import (
     softmax_focal_loss,
 )
 
-from helpers import REPO, run_train_net, tiny_args
+from helpers import REPO, SIZE_128, run_train_net, tiny_args
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 ALPHA_LOSSES = ["SigmoidFocalLoss", "BalancedCrossEntropyLoss", "FocalStarLoss", "SoftmaxFocalLoss"]
@@ -453,14 +453,7 @@ def test_training_keeps_negative_images_when_asked(tiny_coco, tmp_path):
         "2",
         "SOLVER.IMS_PER_BATCH",
         "4",
-        "INPUT.MIN_SIZE_TRAIN",
-        "(128,)",
-        "INPUT.MAX_SIZE_TRAIN",
-        "128",
-        "INPUT.MIN_SIZE_TEST",
-        "128",
-        "INPUT.MAX_SIZE_TEST",
-        "128",
+        *SIZE_128,
         "TEST.EVAL_PERIOD",
         "0",
     )

@@ -26,18 +26,11 @@ from focal_det2 import add_focal_config
 from focal_det2.data import validate_coco_dataset
 from focal_det2.weights import WeightsError, load_initial_weights
 
-from helpers import REPO, run_train_net, tiny_args
+from helpers import REPO, SIZE_128, run_train_net, tiny_args
 
-# 128 px images, training only: each run a few seconds shorter than at the demo's 256 px.
+# 128 px images (SIZE_128), training only.
 SMALL = (
-    "INPUT.MIN_SIZE_TRAIN",
-    "(128,)",
-    "INPUT.MAX_SIZE_TRAIN",
-    "128",
-    "INPUT.MIN_SIZE_TEST",
-    "128",
-    "INPUT.MAX_SIZE_TEST",
-    "128",
+    *SIZE_128,
     "TEST.EVAL_PERIOD",
     "0",
     "DATASETS.TEST",

@@ -11,7 +11,7 @@ from detectron2.utils.env import seed_all_rng
 
 from focal_det2 import add_focal_config
 
-from helpers import REPO, run_train_net, tiny_args
+from helpers import REPO, SIZE_128, run_train_net, tiny_args
 
 COPYPASTE = re.compile(
     r"copypaste: ([\d.nan]+),([\d.nan]+),([\d.nan]+),([\d.nan]+),([\d.nan]+),([\d.nan]+)"
@@ -24,14 +24,7 @@ LEARN_OPTS = (
     "100",
     "DATASETS.TEST",
     "('tiny_train',)",
-    "INPUT.MIN_SIZE_TRAIN",
-    "(128,)",
-    "INPUT.MAX_SIZE_TRAIN",
-    "128",
-    "INPUT.MIN_SIZE_TEST",
-    "128",
-    "INPUT.MAX_SIZE_TEST",
-    "128",
+    *SIZE_128,
     "MODEL.RETINANET.SCORE_THRESH_TEST",
     "0.0",
 )
