@@ -32,7 +32,7 @@ from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
 from .config import add_focal_config
-from .data import register_coco_datasets
+from .data import add_register_coco_argument, register_coco_datasets
 from .export import OnnxPredictor
 from .file_io import atomic_write
 from .weights import WeightsError, load_weights
@@ -262,14 +262,7 @@ def argument_parser() -> argparse.ArgumentParser:
         help="run this model of python -m focal_det2.export in onnxruntime instead (its score "
         "threshold is the export config's: --confidence-threshold can only raise it)",
     )
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME, e.g. the DATASETS.TRAIN of the model",
-    )
+    add_register_coco_argument(parser)
     parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
