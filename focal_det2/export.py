@@ -21,11 +21,11 @@ Resizing to the test size stays outside the graph: :class:`OnnxPredictor` resize
 import argparse
 import logging
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
@@ -33,7 +33,7 @@ from detectron2.structures import Boxes, Instances
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .config import add_focal_config
+from .config import load_config
 from .file_io import atomic_write
 from .modeling.meta_arch import FocalRetinaNet
 from .weights import WeightsError, load_weights
@@ -286,21 +286,11 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
-    """The config of ``config_file`` with the plugin's keys and ``opts`` merged."""
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
-    return cfg
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = argument_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        cfg = setup_cfg(args.config_file, args.opts)
+        cfg = load_config(args.config_file, args.opts)
         model = load_model(cfg)
     except (WeightsError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,8 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -31,7 +30,7 @@ from detectron2.structures import BoxMode, Instances
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
-from .config import add_focal_config
+from .config import load_config
 from .data import add_register_coco_argument, register_coco_datasets
 from .export import OnnxPredictor
 from .file_io import atomic_write
@@ -273,24 +272,12 @@ def argument_parser() -> argparse.ArgumentParser:
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
     """The frozen config of ``args``; raises ValueError naming the file or key that is wrong."""
-    if not os.path.isfile(args.config_file):
-        raise ValueError(f"config file not found: {args.config_file!r}")
     if not 0.0 <= args.confidence_threshold <= 1.0:
         raise ValueError(
             f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}"
         )
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, ValueError, AssertionError, TypeError) as e:
-        raise ValueError(f"invalid config ({args.config_file}, command line): {e}") from e
-    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
+    threshold = ["MODEL.RETINANET.SCORE_THRESH_TEST", args.confidence_threshold]
+    return load_config(args.config_file, [*args.opts, *threshold])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -13,6 +13,7 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 
+from focal_det2.config import load_config
 from focal_det2.export import (
     OnnxPredictor,
     export_program,
@@ -20,7 +21,6 @@ from focal_det2.export import (
     load_program,
     main,
     save_program,
-    setup_cfg,
 )
 
 from helpers import REPO, tiny_register_args
@@ -84,7 +84,7 @@ def exported(tiny_checkpoint, tiny_coco, tmp_path_factory):
     """The trained tiny model, its ONNX file and its ExportedProgram, and the test images."""
     out = tmp_path_factory.mktemp("exported")
     weights = str(tiny_checkpoint / "model_final.pth")
-    cfg = setup_cfg(str(tiny_checkpoint / "config.yaml"), ["MODEL.WEIGHTS", weights, *TEST_SIZE])
+    cfg = load_config(str(tiny_checkpoint / "config.yaml"), ["MODEL.WEIGHTS", weights, *TEST_SIZE])
     model = load_model(cfg)
     images = varied_images(tiny_coco)
     program = export_program(model, images[1])
@@ -144,7 +144,7 @@ def test_export_follows_the_head_and_loss_registries(tmp_path, tiny_coco):
     """The GroupNorm head and the softmax focal loss (K + 1 logits, softmax scores) export."""
     import onnxruntime
 
-    cfg = setup_cfg(
+    cfg = load_config(
         str(REPO / "configs" / "demo.yaml"),
         ["MODEL.RETINANET.NORM", "GN", "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SoftmaxFocalLoss"],
     )
@@ -184,7 +184,7 @@ def test_export_cli_bad_weights_names_the_file_and_keeps_the_output(tmp_path, ca
 def test_onnx_predictor_bad_file_names_it(tmp_path):
     bad = tmp_path / "not_a_model.onnx"
     bad.write_text("hello")
-    cfg = setup_cfg(str(REPO / "configs" / "demo.yaml"), [])
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), [])
     with pytest.raises(ValueError, match="not_a_model.onnx"):
         OnnxPredictor(cfg, str(bad))
 
