@@ -376,8 +376,11 @@ class TrainingReportHook(HookBase):
         pairs = []
         try:
             with torch.no_grad():
-                for record in self._val_dicts:
-                    instances = model([self.mapper(copy.deepcopy(record))])[0]["instances"]
+                # One batch: the post-processing runs for all images at once.
+                inputs = [self.mapper(copy.deepcopy(record)) for record in self._val_dicts]
+                outputs = model(inputs)
+                for record, output in zip(self._val_dicts, outputs):
+                    instances = output["instances"]
                     instances = instances[instances.scores >= self.score_thresh]
                     top = instances.scores.argsort(descending=True)[: self.max_drawn]
                     instances = instances[top].to("cpu")
