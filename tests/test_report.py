@@ -113,7 +113,9 @@ def test_hook_writes_after_each_new_evaluation(hook_parts, tmp_path):
     calls = []
     hook.write = lambda: calls.append(True)
     latest = {"total_loss": (1.0, 5)}
-    hook.trainer = SimpleNamespace(storage=SimpleNamespace(latest=lambda: latest))
+    hook.trainer = SimpleNamespace(
+        storage=SimpleNamespace(latest=lambda: latest), iter=20, max_iter=20
+    )
     hook.after_step()
     assert not calls
     latest["bbox/AP"] = (1.0, 9)
@@ -122,6 +124,10 @@ def test_hook_writes_after_each_new_evaluation(hook_parts, tmp_path):
     assert len(calls) == 1
     latest["bbox/AP"] = (2.0, 19)
     hook.after_step()
+    hook.after_train()
+    assert len(calls) == 3
+    # Stopped before the end (preemption): no report, the run must exit within its grace time.
+    hook.trainer.iter = 7
     hook.after_train()
     assert len(calls) == 3
 
