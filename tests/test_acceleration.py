@@ -103,7 +103,15 @@ def _losses_and_detections(model):
     return losses, [d["instances"] for d in detections]
 
 
-def test_compiled_model_equals_eager_model(caplog):
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled modules leave dynamo state (guards, caches) that later tests must not inherit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_model_equals_eager_model(caplog, fresh_dynamo):
     torch.manual_seed(0)
     eager = build_model(_cfg())
     compiled = build_model(_cfg("MODEL.FOCAL_RETINANET.COMPILE", True))
