@@ -28,8 +28,9 @@ from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import HookBase
+from detectron2.structures import BoxMode
 from detectron2.utils import comm
-from detectron2.utils.visualizer import Visualizer
+from detectron2.utils.colormap import colormap
 from matplotlib.figure import Figure
 from torch.nn.parallel import DistributedDataParallel
 
@@ -38,6 +39,7 @@ from .file_io import atomic_write
 
 __all__ = [
     "TrainingReportHook",
+    "draw_boxes",
     "per_class_ap",
     "plot_curves",
     "plot_per_class_ap",
@@ -80,7 +82,10 @@ def plot_curves(records: Sequence[Dict], path: str) -> None:
         ("imbalance diagnostics", [k for k in keys if k.startswith("focal/")], False),
         ("box AP at each evaluation", ["bbox/AP", "bbox/AP50"], False),
     ]
-    fig = Figure(figsize=(12, 7), dpi=64, layout="constrained")
+    fig = Figure(figsize=(12, 7), dpi=64)
+    # Fixed margins: the panels' labels are numbers and known titles, and matplotlib's
+    # constrained layout would take more than half of the time to draw this figure.
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.95, wspace=0.3, hspace=0.32)
     axes = fig.subplots(2, 3).ravel()
     for ax, (title, panel_keys, log_scale) in zip(axes, panels):
         ax.set_title(title)
@@ -174,7 +179,8 @@ def plot_pr_curves(
         raise ValueError(f"the evaluation has no IoU threshold 0.5 (thresholds: {iou_thrs})")
     curves = precision[matches[0], :, :, 0, -1]
     ap50 = per_class_ap(precision[matches[0] : matches[0] + 1])
-    fig = Figure(figsize=(8, 6), dpi=80, layout="constrained")
+    fig = Figure(figsize=(8, 6), dpi=80)
+    fig.subplots_adjust(left=0.09, right=0.97, bottom=0.09, top=0.94)  # numeric labels only
     ax = fig.subplots()
     for k, name in enumerate(class_names):
         defined = curves[:, k] > -1
@@ -189,6 +195,25 @@ def plot_pr_curves(
     if 0 < len(class_names) <= 20:
         ax.legend(fontsize=8, loc="lower left")
     _save(fig, path)
+
+
+def draw_boxes(
+    image: np.ndarray, boxes: np.ndarray, classes: Sequence[int], labels: Sequence[str]
+) -> np.ndarray:
+    """
+    A copy of the (H, W, 3) uint8 RGB ``image`` with the (B, 4) XYXY ``boxes`` drawn, in one
+    colour per class (Detectron2's colormap) and captioned with ``labels``. OpenCV rather than
+    Detectron2's ``Visualizer``, which renders each image through a matplotlib canvas: ten
+    times slower for the report's thumbnails.
+    """
+    canvas = np.ascontiguousarray(image).copy()
+    palette = colormap(rgb=True, maximum=255)
+    for box, k, label in zip(np.asarray(boxes).round().astype(int), classes, labels):
+        color = tuple(int(c) for c in palette[k % len(palette)])
+        x0, y0, x1, y1 = box.tolist()
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, 2)
+        cv2.putText(canvas, label, (x0, max(y0 - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color)
+    return canvas
 
 
 def plot_val_detections(
@@ -367,7 +392,7 @@ class TrainingReportHook(HookBase):
             count = min(self.num_val_images, len(dicts))
             indices = np.linspace(0, len(dicts) - 1, count).round().astype(int)
             self._val_dicts = [dicts[i] for i in indices]
-        metadata = MetadataCatalog.get(self.val_dataset)
+        names = MetadataCatalog.get(self.val_dataset).thing_classes
         model = self.trainer.model
         if isinstance(model, DistributedDataParallel):
             model = model.module
@@ -385,9 +410,30 @@ class TrainingReportHook(HookBase):
                     top = instances.scores.argsort(descending=True)[: self.max_drawn]
                     instances = instances[top].to("cpu")
                     image = read_image(record["file_name"], format="RGB")
-                    predicted = Visualizer(image, metadata).draw_instance_predictions(instances)
-                    truth = Visualizer(image, metadata).draw_dataset_dict(record)
-                    pairs.append((predicted.get_image(), truth.get_image()))
+                    predicted = draw_boxes(
+                        image,
+                        instances.pred_boxes.tensor.numpy(),
+                        instances.pred_classes.tolist(),
+                        [
+                            f"{names[k]} {s:.0%}"
+                            for k, s in zip(
+                                instances.pred_classes.tolist(), instances.scores.tolist()
+                            )
+                        ],
+                    )
+                    annotations = record.get("annotations", [])
+                    truth = draw_boxes(
+                        image,
+                        np.array(
+                            [
+                                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                                for a in annotations
+                            ]
+                        ).reshape(-1, 4),
+                        [a["category_id"] for a in annotations],
+                        [names[a["category_id"]] for a in annotations],
+                    )
+                    pairs.append((predicted, truth))
         finally:
             model.train(was_training)
         plot_val_detections(pairs, path)

@@ -16,6 +16,7 @@ from focal_det2.evaluation import coco_eval_file, load_coco_eval
 from focal_det2.report import (
     REPORT_FILES,
     TrainingReportHook,
+    draw_boxes,
     per_class_ap,
     plot_curves,
     read_metrics,
@@ -135,3 +136,16 @@ def test_hook_writes_after_each_new_evaluation(hook_parts, tmp_path):
 def test_curves_with_no_records(tmp_path):
     plot_curves([], str(tmp_path / "curves.png"))
     _assert_png(tmp_path / "curves.png")
+
+
+def test_draw_boxes_draws_each_box_in_its_class_colour():
+    from detectron2.utils.colormap import colormap
+
+    image = np.zeros((60, 80, 3), dtype=np.uint8)
+    drawn = draw_boxes(image, np.array([[10.2, 20.0, 50.0, 40.0]]), [3], ["three 90%"])
+    palette = colormap(rgb=True, maximum=255)
+    np.testing.assert_array_equal(drawn[30, 10], palette[3].astype(np.uint8))  # left edge
+    np.testing.assert_array_equal(drawn[40, 30], palette[3].astype(np.uint8))  # bottom edge
+    np.testing.assert_array_equal(drawn[30, 30], 0)  # inside stays
+    assert not image.any(), "the input image was drawn on"
+    assert drawn[20 - 8 : 20, 10:40].any(), "no caption above the box"

@@ -1,0 +1,91 @@
+"""
+Cost of the training report (``focal_det2.report.TrainingReportHook``) of a finished run, figure
+by figure, as the trainer pays it at the end of training.
+
+    .venv/bin/python benchmarks/bench_report.py --run-dir output/demo \
+        [--config-file configs/demo.yaml] [--reps 5] [KEY VALUE ...]
+
+The run folder must hold what the hook reads there: ``metrics.json``, the COCO evaluation's
+arrays in ``inference/`` and ``model_final.pth`` (the model of ``val_detections.png``). The
+report is written into a temporary folder, the run's own is left as it is.
+
+Reported: the first ``write()`` (what a run pays: it also reads the training and validation
+records the figures need) and the median of ``--reps`` later ones, each split by figure, beside
+the time of one training iteration of the run (median of its ``metrics.json``).
+"""
+
+import argparse
+import datetime
+import os
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+from typing import Dict
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from focal_det2.config import load_config
+from focal_det2.report import REPORT_FILES, TrainingReportHook, read_metrics
+
+from common import load, machine
+
+FIGURE_METHODS = dict(
+    zip(REPORT_FILES, ("_curves", "_per_class_ap", "_pr_curves", "_val_detections"))
+)
+
+
+def timed_write(hook: TrainingReportHook) -> Dict[str, float]:
+    """Seconds per figure of one report, as ``TrainingReportHook.write`` draws them."""
+    seconds = {}
+    for name, method in FIGURE_METHODS.items():
+        start = time.perf_counter()
+        if not getattr(hook, method)(os.path.join(hook.report_dir, name)):
+            raise SystemExit(f"bench_report.py: {name} has no data in the run folder")
+        seconds[name] = time.perf_counter() - start
+    seconds["total"] = sum(seconds.values())
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", required=True, help="OUTPUT_DIR of a finished run")
+    parser.add_argument("--config-file", default="configs/demo.yaml", help="the run's config")
+    parser.add_argument("--reps", type=int, default=5, help="later reports to time")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args()
+
+    cfg = load_config(args.config_file, [*args.opts, "OUTPUT_DIR", args.run_dir])
+    model = build_model(cfg)
+    weights = os.path.join(args.run_dir, "model_final.pth")
+    DetectionCheckpointer(model).load(weights)
+    iteration_s = statistics.median(
+        r["time"] for r in read_metrics(os.path.join(args.run_dir, "metrics.json")) if "time" in r
+    )
+
+    load_before = load()
+    with tempfile.TemporaryDirectory() as report_dir:
+        hook = TrainingReportHook(cfg)
+        hook.report_dir = report_dir
+        hook.trainer = SimpleNamespace(model=model)
+        first = timed_write(hook)
+        later = [timed_write(hook) for _ in range(args.reps)]
+
+    print("# Training report cost")
+    print()
+    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"- machine: {machine('cpu')}")
+    print(f"- load average before: {load_before}; after: {load()}")
+    print(f"- run: {args.run_dir} ({args.config_file}), weights {weights}")
+    print(f"- one training iteration of the run: {iteration_s:.2f} s (median of metrics.json)")
+    print()
+    print(f"| figure | first report (s) | later reports, median of {args.reps} (s) |")
+    print("|---|---|---|")
+    for name in first:
+        later_s = statistics.median(x[name] for x in later) if later else float("nan")
+        print(f"| {name} | {first[name]:.2f} | {later_s:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
