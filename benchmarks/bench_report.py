@@ -9,9 +9,12 @@ The run folder must hold what the hook reads there: ``metrics.json``, the COCO e
 arrays in ``inference/`` and ``model_final.pth`` (the model of ``val_detections.png``). The
 report is written into a temporary folder, the run's own is left as it is.
 
-Reported: the first ``write()`` (what a run pays: it also reads the training and validation
-records the figures need) and the median of ``--reps`` later ones, each split by figure, beside
-the time of one training iteration of the run (median of its ``metrics.json``).
+Reported: the first report (what a run pays at the end of training: it also reads the
+validation records; the training instances per class are counted at the start of training,
+not timed) and the median of ``--reps`` later ones, figure by figure (one after the
+other) and as ``write()`` (the trainer's call, which runs the model on the validation images
+while the other figures are drawn), beside the time of one training iteration of the run
+(median of its ``metrics.json``).
 """
 
 import argparse
@@ -48,6 +51,12 @@ def timed_write(hook: TrainingReportHook) -> Dict[str, float]:
     return seconds
 
 
+def time_call(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", required=True, help="OUTPUT_DIR of a finished run")
@@ -64,11 +73,20 @@ def main() -> None:
         r["time"] for r in read_metrics(os.path.join(args.run_dir, "metrics.json")) if "time" in r
     )
 
-    load_before = load()
-    with tempfile.TemporaryDirectory() as report_dir:
+    def fresh_hook(report_dir: str) -> TrainingReportHook:
         hook = TrainingReportHook(cfg)
         hook.report_dir = report_dir
         hook.trainer = SimpleNamespace(model=model)
+        hook.before_train()  # at the start of training: counts the training instances
+        return hook
+
+    load_before = load()
+    with tempfile.TemporaryDirectory() as report_dir:
+        # The whole write(), as the trainer calls it (the model's inference overlapped with
+        # the matplotlib figures), then figure by figure, one after the other.
+        hook = fresh_hook(report_dir)
+        write_s = [time_call(hook.write) for _ in range(args.reps + 1)]
+        hook = fresh_hook(report_dir)
         first = timed_write(hook)
         later = [timed_write(hook) for _ in range(args.reps)]
 
@@ -85,6 +103,8 @@ def main() -> None:
     for name in first:
         later_s = statistics.median(x[name] for x in later) if later else float("nan")
         print(f"| {name} | {first[name]:.2f} | {later_s:.2f} |")
+    later_write = statistics.median(write_s[1:]) if args.reps else float("nan")
+    print(f"| **write()**, as the trainer calls it | **{write_s[0]:.2f}** | {later_write:.2f} |")
 
 
 if __name__ == "__main__":

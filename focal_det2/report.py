@@ -18,7 +18,8 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -28,7 +29,7 @@ from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import HookBase
-from detectron2.structures import BoxMode
+from detectron2.structures import BoxMode, Instances
 from detectron2.utils import comm
 from detectron2.utils.colormap import colormap
 from matplotlib.figure import Figure
@@ -36,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .evaluation import coco_eval_file, load_coco_eval
 from .file_io import atomic_write
+from .modeling.class_alpha import count_instances
 
 __all__ = [
     "TrainingReportHook",
@@ -269,6 +271,7 @@ class TrainingReportHook(HookBase):
         num_val_images: int = 8,
         score_thresh: float = 0.5,
         max_drawn: int = 20,
+        num_classes: Optional[int] = None,
     ):
         """
         Args:
@@ -281,6 +284,8 @@ class TrainingReportHook(HookBase):
             num_val_images: validation images in ``val_detections.png``, evenly spaced.
             score_thresh: minimum score of a drawn prediction.
             max_drawn: most predictions drawn per image, highest scores first.
+            num_classes: the model's classes: with it, the training instances per class are
+                counted when training starts rather than in the first report.
         """
         self.report_dir = report_dir
         self.metrics_file = metrics_file
@@ -291,8 +296,8 @@ class TrainingReportHook(HookBase):
         self.num_val_images = num_val_images
         self.score_thresh = score_thresh
         self.max_drawn = max_drawn
+        self.num_classes = num_classes
         self._last_eval_iter: Optional[int] = None
-        self._train_counts: Optional[Counter] = None
         self._val_dicts: Optional[List[Dict]] = None
 
     @classmethod
@@ -304,7 +309,17 @@ class TrainingReportHook(HookBase):
             "train_datasets": cfg.DATASETS.TRAIN,
             "val_dataset": cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None,
             "mapper": DatasetMapper(cfg, is_train=False),
+            "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
         }
+
+    def before_train(self):
+        # Training-set facts, counted while training starts (which reads the records anyway)
+        # and cached: the reports after evaluations only draw.
+        if comm.is_main_process() and self.num_classes:
+            try:
+                count_instances(self.train_datasets, self.num_classes)
+            except Exception:
+                logger.warning("Training report: training instances not counted", exc_info=True)
 
     def after_step(self):
         latest = self.trainer.storage.latest()
@@ -325,17 +340,21 @@ class TrainingReportHook(HookBase):
         start = time.perf_counter()
         os.makedirs(self.report_dir, exist_ok=True)
         written = []
-        for name, draw in (
-            ("curves.png", self._curves),
-            ("per_class_ap.png", self._per_class_ap),
-            ("pr_curves.png", self._pr_curves),
-            ("val_detections.png", self._val_detections),
-        ):
-            try:
-                if draw(os.path.join(self.report_dir, name)):
-                    written.append(name)
-            except Exception:
-                logger.warning("Training report: %s not written", name, exc_info=True)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # The model runs on the validation images while matplotlib draws the other figures
+            # (its operators release the GIL): the report's largest part overlaps the rest.
+            predictions = pool.submit(self._val_predictions) if self.val_dataset else None
+            for name, draw in (
+                ("curves.png", self._curves),
+                ("per_class_ap.png", self._per_class_ap),
+                ("pr_curves.png", self._pr_curves),
+                ("val_detections.png", partial(self._val_detections, predictions=predictions)),
+            ):
+                try:
+                    if draw(os.path.join(self.report_dir, name)):
+                        written.append(name)
+                except Exception:
+                    logger.warning("Training report: %s not written", name, exc_info=True)
         logger.info(
             "Training report (%s) written to %s in %.2f s",
             ", ".join(written) or "nothing yet",
@@ -359,15 +378,8 @@ class TrainingReportHook(HookBase):
         arrays = self._eval_arrays()
         if arrays is None:
             return False
-        if self._train_counts is None:
-            self._train_counts = Counter(
-                ann["category_id"]
-                for name in self.train_datasets
-                for record in DatasetCatalog.get(name)
-                for ann in record.get("annotations", [])
-            )
         names = [str(n) for n in arrays["class_names"]]
-        counts = [self._train_counts.get(k, 0) for k in range(len(names))]
+        counts = count_instances(self.train_datasets, len(names))
         plot_per_class_ap(names, per_class_ap(arrays["precision"]), counts, path)
         return True
 
@@ -384,57 +396,61 @@ class TrainingReportHook(HookBase):
         )
         return True
 
-    def _val_detections(self, path: str) -> bool:
-        if self.val_dataset is None:
-            return False
+    def _val_predictions(self) -> List[Tuple[Dict, Instances]]:
+        """The model's detections on the fixed validation images: (record, Instances on CPU)."""
         if self._val_dicts is None:
             dicts = DatasetCatalog.get(self.val_dataset)
             count = min(self.num_val_images, len(dicts))
             indices = np.linspace(0, len(dicts) - 1, count).round().astype(int)
             self._val_dicts = [dicts[i] for i in indices]
-        names = MetadataCatalog.get(self.val_dataset).thing_classes
         model = self.trainer.model
         if isinstance(model, DistributedDataParallel):
             model = model.module
         was_training = model.training
         model.eval()
-        pairs = []
         try:
             with torch.no_grad():
                 # One batch: the post-processing runs for all images at once.
                 inputs = [self.mapper(copy.deepcopy(record)) for record in self._val_dicts]
                 outputs = model(inputs)
-                for record, output in zip(self._val_dicts, outputs):
-                    instances = output["instances"]
-                    instances = instances[instances.scores >= self.score_thresh]
-                    top = instances.scores.argsort(descending=True)[: self.max_drawn]
-                    instances = instances[top].to("cpu")
-                    image = read_image(record["file_name"], format="RGB")
-                    predicted = draw_boxes(
-                        image,
-                        instances.pred_boxes.tensor.numpy(),
-                        instances.pred_classes.tolist(),
-                        [
-                            f"{names[k]} {s:.0%}"
-                            for k, s in zip(
-                                instances.pred_classes.tolist(), instances.scores.tolist()
-                            )
-                        ],
-                    )
-                    annotations = record.get("annotations", [])
-                    truth = draw_boxes(
-                        image,
-                        np.array(
-                            [
-                                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-                                for a in annotations
-                            ]
-                        ).reshape(-1, 4),
-                        [a["category_id"] for a in annotations],
-                        [names[a["category_id"]] for a in annotations],
-                    )
-                    pairs.append((predicted, truth))
         finally:
             model.train(was_training)
+        results = []
+        for record, output in zip(self._val_dicts, outputs):
+            instances = output["instances"]
+            instances = instances[instances.scores >= self.score_thresh]
+            top = instances.scores.argsort(descending=True)[: self.max_drawn]
+            results.append((record, instances[top].to("cpu")))
+        return results
+
+    def _val_detections(self, path: str, predictions: Optional[Future] = None) -> bool:
+        """``predictions``: a future of :meth:`_val_predictions`, else they are computed here."""
+        if self.val_dataset is None:
+            return False
+        results = predictions.result() if predictions is not None else self._val_predictions()
+        names = MetadataCatalog.get(self.val_dataset).thing_classes
+        pairs = []
+        for record, instances in results:
+            image = read_image(record["file_name"], format="RGB")
+            classes, scores = instances.pred_classes.tolist(), instances.scores.tolist()
+            predicted = draw_boxes(
+                image,
+                instances.pred_boxes.tensor.numpy(),
+                classes,
+                [f"{names[k]} {score:.0%}" for k, score in zip(classes, scores)],
+            )
+            annotations = record.get("annotations", [])
+            truth = draw_boxes(
+                image,
+                np.array(
+                    [
+                        BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                        for a in annotations
+                    ]
+                ).reshape(-1, 4),
+                [a["category_id"] for a in annotations],
+                [names[a["category_id"]] for a in annotations],
+            )
+            pairs.append((predicted, truth))
         plot_val_detections(pairs, path)
         return True
