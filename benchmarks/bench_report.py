@@ -26,11 +26,11 @@ import time
 from types import SimpleNamespace
 from typing import Dict
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from focal_det2.config import load_config
 from focal_det2.report import REPORT_FILES, TrainingReportHook, read_metrics
+from focal_det2.weights import WeightsError, load_weights
 
 from common import load, machine
 
@@ -68,7 +68,10 @@ def main() -> None:
     cfg = load_config(args.config_file, [*args.opts, "OUTPUT_DIR", args.run_dir])
     model = build_model(cfg)
     weights = os.path.join(args.run_dir, "model_final.pth")
-    DetectionCheckpointer(model).load(weights)
+    try:
+        load_weights(model, weights)  # strict: names the file and what does not fit
+    except WeightsError as error:
+        raise SystemExit(f"bench_report.py: {error}")
     iteration_s = statistics.median(
         r["time"] for r in read_metrics(os.path.join(args.run_dir, "metrics.json")) if "time" in r
     )
