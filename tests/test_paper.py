@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from focal_det2.paper import (
 )
 from focal_det2.paper.__main__ import main
 from focal_det2.paper.figure4 import labelled_test_loader
+from focal_det2.paper.sweep import plot_sweep, write_table
 
 from helpers import REPO
 
@@ -103,6 +105,31 @@ def test_sweep_rerun_keeps_finished_runs(sweep, tiny_coco, capsys):
     assert ": training (log:" not in printed
     assert [marker.stat().st_mtime_ns for marker in markers] == before
     assert len((output / "table.md").read_text().splitlines()) == 4
+
+
+def test_a_run_without_detections_is_a_row_of_zero_ap(tmp_path):
+    # Detectron2's COCOEvaluator gives NaN for every metric when nothing scored above the
+    # threshold (Table 1a's alpha = 0.1 on the demo): the row reads AP 0 and says why.
+    def finished(alpha, box):
+        return {
+            "overrides": [["MODEL.RETINANET.FOCAL_LOSS_ALPHA", alpha]],
+            "status": "finished",
+            "bbox": box,
+            "train_time_s": 500.0,
+            "wall_time_s": 576.2,
+        }
+
+    runs = [
+        ("focal_loss_alpha_0.1", finished("0.1", dict.fromkeys(("AP", "AP50", "AP75"), math.nan))),
+        ("focal_loss_alpha_0.75", finished("0.75", {"AP": 2.46, "AP50": 7.1, "AP75": 0.94})),
+    ]
+    rows = write_table(tmp_path, runs).splitlines()
+    assert rows[2] == (
+        "| 0.1 | 0.0 | 0.0 | 0.0 | 8 min 20 s | no detections above TEST.SCORE_THRESH_TEST |"
+    )
+    assert rows[3] == "| 0.75 | 2.5 | 7.1 | 0.9 | 8 min 20 s |  |"
+    plot_sweep(tmp_path, runs)
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_figure4_curves_and_bce_reference(sweep, tiny_coco, tmp_path, capsys):

@@ -262,7 +262,23 @@ def _keys(runs: List[Tuple[str, dict]]) -> List[str]:
     return keys
 
 
+def _no_detections(results: dict) -> bool:
+    # Detectron2's COCOEvaluator reports NaN for every metric when the model made no
+    # detection above TEST.SCORE_THRESH_TEST (e.g. a classifier that never scores a class up):
+    # COCO's AP of an empty detection set is 0.
+    return results["status"] == "finished" and not math.isfinite(results["bbox"]["AP"])
+
+
+def _box_cells(results: dict) -> List[str]:
+    box = results.get("bbox", {})
+    if _no_detections(results):
+        return ["0.0"] * 3
+    return [f"{box[m]:.1f}" if m in box else "-" for m in ("AP", "AP50", "AP75")]
+
+
 def _note(name: str, results: dict) -> str:
+    if _no_detections(results):
+        return "no detections above TEST.SCORE_THRESH_TEST"
     if results["status"] == "diverged":
         return f"diverged at iteration {results['diverged_at_iter']}"
     if results["status"] == "failed":
@@ -281,9 +297,7 @@ def write_table(output_dir: Path, runs: List[Tuple[str, dict]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "--|" * len(header)]
     for name, results in runs:
         values = dict(results["overrides"])
-        box = results.get("bbox", {})
-        cells = [values.get(k, "-") for k in keys]
-        cells += [f"{box[m]:.1f}" if m in box else "-" for m in ("AP", "AP50", "AP75")]
+        cells = [values.get(k, "-") for k in keys] + _box_cells(results)
         train_time = results["train_time_s"]
         cells.append(_format_time(results["wall_time_s"] if train_time is None else train_time))
         cells.append(_note(name, results))
@@ -306,7 +320,10 @@ def plot_sweep(output_dir: Path, runs: List[Tuple[str, dict]]) -> None:
     width = 0.27
     top = 1.0
     for i, metric in enumerate(("AP", "AP50", "AP75")):
-        heights = [results.get("bbox", {}).get(metric, math.nan) for _, results in runs]
+        heights = [
+            0.0 if _no_detections(results) else results.get("bbox", {}).get(metric, math.nan)
+            for _, results in runs
+        ]
         ax.bar([x + (i - 1) * width for x in range(len(runs))], heights, width, label=metric)
         top = max([top] + [h for h in heights if math.isfinite(h)])
     for x, (name, results) in enumerate(runs):
