@@ -1,5 +1,6 @@
 """The memory format chosen per device, and the compiled backbone and head."""
 
+import copy
 import logging
 
 import pytest
@@ -164,3 +165,33 @@ def test_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplo
     assert all(len(w.getMessage().splitlines()) == 1 for w in warnings)
     for key in eager_losses:
         torch.testing.assert_close(fallback_losses[key], eager_losses[key], rtol=0, atol=0)
+
+
+def test_failing_backward_compile_falls_back_to_eager(monkeypatch, caplog, fresh_dynamo):
+    # AOTAutograd compiles the backward graph apart from the forward one; its failure (seen
+    # here: a kernel .so left empty in inductor's cache by a killed compile) must fall back
+    # too, not crash the first backward call.
+    def broken_backward(*args, **kwargs):
+        raise ImportError("cxq.main.so: file too short")
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx_backward", broken_backward)
+    # A cached backward from an earlier run would not compile at all.
+    monkeypatch.setattr("torch._inductor.config.fx_graph_cache", False)
+    monkeypatch.setattr("torch._functorch.config.enable_autograd_cache", False)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    reference = copy.deepcopy(module)
+    acceleration.compile_with_fallback(module, "tiny module")
+    image = torch.randn(2, 3, 9, 9)
+    with caplog.at_level(logging.WARNING, logger=acceleration.__name__):
+        module(image).sum().backward()
+        module(image).sum().backward()
+    warnings = [r.getMessage() for r in caplog.records if r.name == acceleration.__name__]
+    assert warnings == [
+        "torch.compile of the tiny module failed (ImportError: cxq.main.so: file too short); "
+        "running it eagerly."
+    ]
+    reference(image).sum().backward()
+    reference(image).sum().backward()
+    for ours, expected in zip(module.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.grad, expected.grad, rtol=0, atol=0)

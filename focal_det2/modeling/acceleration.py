@@ -11,6 +11,7 @@ from typing import Tuple
 
 import torch
 from torch import nn
+from torch._functorch import config as functorch_config
 
 __all__ = ["CHANNELS_LAST_SETTINGS", "choose_channels_last", "compile_with_fallback"]
 
@@ -57,13 +58,23 @@ def choose_channels_last(setting: str, device: str) -> Tuple[bool, str]:
     return use, f"{where}: oneDNN {'with' if use else 'without'} AVX-512"
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    # Dynamo wraps a backend's failure in BackendCompilerFailed ("backend='inductor'
+    # raised:"), inductor its own in InductorError: the innermost one says what broke.
+    while True:
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if inner is None:
+            return exc
+        exc = inner
+
+
 def compile_with_fallback(module: nn.Module, name: str) -> None:
     """
     Run ``module.forward`` under ``torch.compile`` with dynamic shapes (one graph for every
     image size, in training and in inference), in place: the module, its parameters and its
-    state-dict keys stay the same. The first call, which compiles, logs its duration; if
-    compiling fails on this platform, a one-line warning is logged and the module runs eagerly
-    from then on.
+    state-dict keys stay the same. The first call, which compiles (the backward graph too, when
+    it needs gradients), logs its duration; if compiling fails on this platform, a one-line
+    warning is logged and the module runs eagerly from then on.
 
     Args:
         module: the module to compile, e.g. the backbone or the head.
@@ -76,15 +87,20 @@ def compile_with_fallback(module: nn.Module, name: str) -> None:
     def forward(*args, **kwargs):
         start = time.perf_counter()
         try:
-            out = compiled_forward(*args, **kwargs)
+            # AOTAutograd otherwise compiles the backward graph lazily, at the first backward
+            # call, where a failure (e.g. a truncated kernel in inductor's cache) cannot fall
+            # back: this forces it into the forward call.
+            with functorch_config.patch(force_non_lazy_backward_lowering=True):
+                out = compiled_forward(*args, **kwargs)
         except torch.OutOfMemoryError:
             raise  # not the compiler's fault: eager would not fit either
         except Exception as exc:  # compiler and toolchain failures come in many types
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            cause = _root_cause(exc)
+            message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             logger.warning(
                 "torch.compile of the %s failed (%s: %s); running it eagerly.",
                 name,
-                type(exc).__name__,
+                type(cause).__name__,
                 message,
             )
             module.forward = eager_forward
