@@ -11,7 +11,9 @@ with less work:
   (:meth:`ClassificationLoss.score_threshold_logit`), anchors are compared to it in logit
   space and only the candidates above it are scored; their scores are then compared to the
   score threshold itself, so the result equals scoring every anchor;
-- top-k and the detection cap are one sort over the candidates of all images and levels;
+- the top-k per level is one selection over the (anchor, class) pairs of all images, before
+  the threshold (the same set), so that the number of candidates stays bounded;
+- the detection cap is one sort over the candidates of all images and levels;
 - only the kept candidates are decoded into boxes.
 
 Everything is tensor operations without data-dependent Python control flow, so that
@@ -67,17 +69,21 @@ def dense_detections(
     first_anchor = 0
     for level, logits_i in enumerate(logits):
         if logit_thresh is None:
-            scores_i = cls_loss.predict_scores(logits_i)
-            num_classes = scores_i.shape[-1]
-            scores_i = scores_i.flatten(1)  # (N, Ri * K)
-            image, index = (scores_i > score_thresh).nonzero(as_tuple=True)
-            score = scores_i[image, index]
+            ranked = cls_loss.predict_scores(logits_i)
+            thresh = score_thresh
         else:
-            num_classes = logits_i.shape[-1]
-            flat = logits_i.flatten(1)
-            image, index = (flat > logit_thresh).nonzero(as_tuple=True)
-            # An elementwise score function: the scores of the candidates alone.
-            score = cls_loss.predict_scores(flat[image, index])
+            # An elementwise, increasing score function: logits rank as the scores do.
+            ranked, thresh = logits_i, logit_thresh
+        num_classes = ranked.shape[-1]
+        ranked = ranked.flatten(1)  # (N, Ri * K)
+        # Detectron2's top-k of the candidates above the threshold is the top-k of all
+        # (anchor, class) pairs that are above it: one batched selection, whatever the number
+        # of candidates (an untrained model has millions).
+        top, index = ranked.topk(torch.sym_min(topk_candidates, ranked.shape[1]), dim=1)
+        image = torch.arange(num_images, device=top.device)[:, None].expand_as(index)
+        above = top > thresh
+        image, index, top = image[above], index[above], top[above]
+        score = top if logit_thresh is None else cls_loss.predict_scores(top)
         # Row-major (anchor, class) order within an image, as Detectron2 enumerates candidates.
         anchor = torch.div(index, num_classes, rounding_mode="floor") + first_anchor
         candidates.append((image, anchor, index % num_classes, score, image * num_levels + level))
