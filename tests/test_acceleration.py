@@ -175,15 +175,17 @@ def test_failing_backward_compile_falls_back_to_eager(monkeypatch, caplog, fresh
         raise ImportError("cxq.main.so: file too short")
 
     monkeypatch.setattr("torch._inductor.compile_fx.compile_fx_backward", broken_backward)
-    # A cached backward from an earlier run would not compile at all.
-    monkeypatch.setattr("torch._inductor.config.fx_graph_cache", False)
-    monkeypatch.setattr("torch._functorch.config.enable_autograd_cache", False)
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
     reference = copy.deepcopy(module)
     acceleration.compile_with_fallback(module, "tiny module")
     image = torch.randn(2, 3, 9, 9)
-    with caplog.at_level(logging.WARNING, logger=acceleration.__name__):
+    # Caches off: a backward cached by an earlier run would not compile at all.
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+        caplog.at_level(logging.WARNING, logger=acceleration.__name__),
+    ):
         module(image).sum().backward()
         module(image).sum().backward()
     warnings = [r.getMessage() for r in caplog.records if r.name == acceleration.__name__]
