@@ -57,9 +57,16 @@ def build_models(device: str) -> Dict[str, torch.nn.Module]:
     cfg = cfg.clone()
     add_focal_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
-    auto, _ = choose_channels_last("auto", device)
+    auto = {
+        mode: (
+            "NHWC"
+            if choose_channels_last("auto", device, training=mode == "training")[0]
+            else "NCHW"
+        )
+        for mode in ("training", "inference")
+    }
     variants = {
-        f"FocalRetinaNet (default: {'NHWC' if auto else 'NCHW'})": [],
+        f"FocalRetinaNet (default: {auto['training']} training, {auto['inference']} inference)": [],
         "FocalRetinaNet, NHWC": ["MODEL.FOCAL_RETINANET.CHANNELS_LAST", "on"],
         "FocalRetinaNet, NCHW": ["MODEL.FOCAL_RETINANET.CHANNELS_LAST", "off"],
         "FocalRetinaNet, compiled": ["MODEL.FOCAL_RETINANET.COMPILE", True],

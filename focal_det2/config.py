@@ -44,8 +44,10 @@ def add_focal_config(cfg: CN) -> None:
     _C.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD = 20
     # Memory format of the convolutions, "auto", "on" or "off". "on" keeps the 4-d parameters
     # (backbone included) in channels-last format, so that every feature map is NHWC; same values
-    # either way. NHWC is faster with cuDNN on tensor-core GPUs and with oneDNN on AVX-512 CPUs,
-    # slower on AVX2-only CPUs: "auto" picks by the device (and ONEDNN_MAX_CPU_ISA) and logs why.
+    # either way. NHWC is faster with cuDNN on tensor-core GPUs, and with oneDNN for inference on
+    # every CPU and for training on AVX-512 CPUs, slower for training on AVX2-only CPUs: "auto"
+    # picks per mode (train() / eval() convert the parameters in place) by the device (and
+    # ONEDNN_MAX_CPU_ISA), and logs why.
     _C.MODEL.FOCAL_RETINANET.CHANNELS_LAST = "auto"
     # Run the backbone (with the FPN) and the head under torch.compile, with dynamic shapes (one
     # graph for every image size); anchor matching and losses stay eager. Compiling takes a

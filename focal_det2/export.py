@@ -19,6 +19,7 @@ Resizing to the test size stays outside the graph: :class:`OnnxPredictor` resize
 """
 
 import argparse
+import copy
 import logging
 import sys
 from typing import Dict, List, Optional, Tuple
@@ -163,12 +164,17 @@ def export_program(model: FocalRetinaNet, example: Tensor) -> torch.export.Expor
         example: a (3, H, W) uint8 image to trace with; the program accepts any H, W in
             [MIN_SIDE, MAX_SIDE].
     """
-    module = DeployableRetinaNet(model).eval()
     dims = {
         1: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
         2: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE),
     }
     torch.library.register_fake("torchvision::nms", _nms_fake, allow_override=True)
+    # Traced in NCHW: ONNX has no memory format (onnxruntime picks its own), and channels-last
+    # parameters make the tracer specialise the width through stride checks. A copy: the
+    # program holds the parameters it was traced with, which model.train() would convert.
+    model = copy.deepcopy(model)
+    model.channels_last = {True: False, False: False}
+    module = DeployableRetinaNet(model).eval()
     with torch.no_grad():
         return torch.export.export(module, (example,), dynamic_shapes=(dims,), strict=False)
 

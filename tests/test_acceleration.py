@@ -41,15 +41,18 @@ def test_auto_picks_channels_last_by_onednn_isa(monkeypatch, capability, isa_cap
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
-    use, reason = choose_channels_last("auto", "cpu")
+    use, reason = choose_channels_last("auto", "cpu", training=True)
     assert use is expected
     assert capability in reason and ("with AVX-512" if expected else "without AVX-512") in reason
+    # NHWC forward kernels win on AVX2 as well (benchmarks/README.md).
+    assert choose_channels_last("auto", "cpu", training=False)[0] is True
 
 
 @pytest.mark.parametrize("setting, expected", [("on", True), ("off", False)])
 def test_explicit_setting_wins(monkeypatch, setting, expected):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert choose_channels_last(setting, "cpu")[0] is expected
+    for training in (True, False):
+        assert choose_channels_last(setting, "cpu", training=training)[0] is expected
 
 
 def _cfg(*opts):
@@ -75,14 +78,38 @@ def _batch():
 def test_auto_memory_format_is_logged_and_trains(caplog):
     with caplog.at_level(logging.INFO):
         model = build_model(_cfg("MODEL.FOCAL_RETINANET.CHANNELS_LAST", "auto"))
-    use, reason = choose_channels_last("auto", "cpu")
+    use, reason = choose_channels_last("auto", "cpu", training=True)
     assert reason in caplog.text
+    assert choose_channels_last("auto", "cpu", training=False)[1] in caplog.text
     conv = model.backbone.bottom_up.stem.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) is use
     with EventStorage(0):
         losses = model(_batch())
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_memory_format_follows_the_mode_in_place():
+    """eval() and train() switch the format of the same parameter objects, values unchanged."""
+    model = build_model(_cfg("MODEL.FOCAL_RETINANET.CHANNELS_LAST", "auto"))
+    model.channels_last = {True: False, False: True}
+    model.train()
+    parameters = list(model.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    conv = model.backbone.bottom_up.stem.conv1.weight
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+    model.eval()
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert all(
+        p.is_contiguous(memory_format=torch.channels_last) for p in parameters if p.dim() == 4
+    )
+    with torch.no_grad():
+        detections = model([{"image": _batch()[0]["image"]}])
+    assert len(detections) == 1
+    model.train()
+    assert conv.is_contiguous() and list(model.parameters()) == parameters
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
 
 
 def test_invalid_channels_last_value_names_key_and_values():

@@ -144,7 +144,9 @@ def test_channels_last_is_only_a_memory_format():
     assert conv_weight.is_contiguous(memory_format=torch.channels_last)
     assert not conv_weight.is_contiguous()
     ours.double()
-    contiguous = copy.deepcopy(ours).to(memory_format=torch.contiguous_format)
+    contiguous = copy.deepcopy(ours)
+    contiguous.channels_last = {True: False, False: False}
+    contiguous.train()
     assert ours.head.cls_score.weight.stride() != contiguous.head.cls_score.weight.stride()
     batch = make_batch()
     for x in batch:
@@ -187,8 +189,13 @@ def canonical(instances):
 @pytest.mark.parametrize(
     "norm, batched", [("", True), ("GN", False)], ids=["one_batch", "GN-one_image_each"]
 )
-def test_detections_match_detectron2(norm, batched):
+# The post-processing keeps every candidate of a level when none of its images has more than
+# TOPK_CANDIDATES_TEST of them, and selects the top-k otherwise: 10**6 takes the first path
+# on every level, 20 the second.
+@pytest.mark.parametrize("topk", [1000, 20, 10**6])
+def test_detections_match_detectron2(norm, batched, topk):
     reference, ours = build_pair(norm)
+    reference.test_topk_candidates = ours.test_topk_candidates = topk
     batch = [{k: v for k, v in x.items() if k != "instances"} for x in make_batch()]
     reference.eval()
     spread_classifier(reference, ours, batch)
@@ -202,8 +209,10 @@ def test_detections_match_detectron2(norm, batched):
         assert our.image_size == ref.image_size
         ref, our = canonical(ref), canonical(our)
         assert torch.equal(our.pred_classes, ref.pred_classes)
-        # The same float32 operations on the same values: equal, not only close.
-        assert torch.equal(our.scores, ref.scores)
+        # The same float32 operations on the same values: equal boxes, not only close. Scores
+        # may differ in the last bit: Detectron2 takes the sigmoid of a whole level, we of the
+        # candidates only, and the SIMD and scalar code of sigmoid round differently.
+        torch.testing.assert_close(our.scores, ref.scores, rtol=2**-23, atol=0)
         assert torch.equal(our.pred_boxes.tensor, ref.pred_boxes.tensor)
         assert len(ref) > 0
 

@@ -31,16 +31,19 @@ def _onednn_has_avx512() -> bool:
     return cap in ("ALL", "DEFAULT") or cap.startswith("AVX512") or cap.startswith("AVX10")
 
 
-def choose_channels_last(setting: str, device: str) -> Tuple[bool, str]:
+def choose_channels_last(setting: str, device: str, *, training: bool) -> Tuple[bool, str]:
     """
-    Whether to keep the convolutions in channels-last memory format on ``device``.
+    Whether to keep the convolutions in channels-last memory format on ``device``, for training
+    or for inference.
 
     Args:
         setting: "on", "off", or "auto" (:data:`CHANNELS_LAST_SETTINGS`): channels-last on a
-            CUDA device with tensor cores (compute capability >= 7.0, cuDNN's NHWC kernels) and
-            on a CPU whose oneDNN runs AVX-512; NCHW elsewhere (AVX2-only CPUs, where NHWC
-            convolutions are slower).
+            CUDA device with tensor cores (compute capability >= 7.0, cuDNN's NHWC kernels); on a
+            CPU, for inference always and for training where oneDNN runs AVX-512. oneDNN's
+            NHWC backward kernels lose to its NCHW ones on AVX2-only CPUs, while its NHWC
+            forward kernels win there as well (benchmarks/README.md).
         device: the model's device, e.g. "cpu" or "cuda:0".
+        training: the choice for training (True) or for inference (False).
 
     Returns:
         The choice and the reason for it, for the log.
@@ -51,11 +54,13 @@ def choose_channels_last(setting: str, device: str) -> Tuple[bool, str]:
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         use = major >= 7
         return use, f"CUDA compute capability {major}.{minor} ({'>=' if use else '<'} 7.0)"
-    use = _onednn_has_avx512()
     isa = torch.backends.cpu.get_cpu_capability()
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     where = f"CPU capability {isa}" + (f", ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
-    return use, f"{where}: oneDNN {'with' if use else 'without'} AVX-512"
+    if not training:
+        return True, f"{where}: oneDNN inference, faster in NHWC on AVX2 and AVX-512"
+    use = _onednn_has_avx512()
+    return use, f"{where}: oneDNN training {'with' if use else 'without'} AVX-512"
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -75,10 +75,18 @@ def check_focal_config(cfg: CN) -> None:
         _fail("MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD", focal.DIAGNOSTICS_PERIOD, ">= 0")
 
 
-def _channels_last(cfg: CN) -> bool:
-    use, reason = choose_channels_last(cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST, cfg.MODEL.DEVICE)
-    logger.info("Convolutions in %s memory format (%s).", "NHWC" if use else "NCHW", reason)
-    return use
+def _channels_last(cfg: CN) -> Dict[str, bool]:
+    choice = {}
+    for mode in ("training", "inference"):
+        use, reason = choose_channels_last(
+            cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST, cfg.MODEL.DEVICE, training=mode == "training"
+        )
+        logger.info("Convolutions in %s memory format for %s (%s).", _FORMAT[use], mode, reason)
+        choice[f"channels_last_{mode}"] = use
+    return choice
+
+
+_FORMAT = {True: "NHWC", False: "NCHW"}
 
 
 @META_ARCH_REGISTRY.register()
@@ -100,7 +108,8 @@ class FocalRetinaNet(RetinaNet):
         cls_loss: ClassificationLoss,
         num_pos_across_workers: bool = True,
         diagnostics_period: int = 20,
-        channels_last: bool = False,
+        channels_last_training: bool = False,
+        channels_last_inference: bool = False,
         compile: bool = False,
         **kwargs,
     ):
@@ -109,7 +118,10 @@ class FocalRetinaNet(RetinaNet):
             cls_loss: the classification loss; it also turns logits into scores at inference.
             num_pos_across_workers: normalise by the number of positive anchors of all processes.
             diagnostics_period: write imbalance diagnostics every this many iterations; 0 = off.
-            channels_last: convert the 4-d parameters to channels-last memory format.
+            channels_last_training: keep the 4-d parameters in channels-last memory format
+                in training mode (``train()``), so that every feature map is NHWC.
+            channels_last_inference: the same in inference mode (``eval()``); the parameters
+                change format when the mode changes (the same values, objects and keys).
             compile: run the backbone (with the FPN) and the head under ``torch.compile``.
             kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
         """
@@ -117,9 +129,9 @@ class FocalRetinaNet(RetinaNet):
         self.cls_loss = cls_loss
         self.num_pos_across_workers = num_pos_across_workers
         self.diagnostics_period = diagnostics_period
-        if channels_last:
-            # Module.to keeps the format of existing tensors (device moves, load_state_dict).
-            self.to(memory_format=torch.channels_last)
+        # Memory format by mode: self.channels_last[self.training].
+        self.channels_last = {True: channels_last_training, False: channels_last_inference}
+        self._apply_memory_format()
         if compile:
             compile_with_fallback(self.backbone, "backbone")
             compile_with_fallback(self.head, "head")
@@ -141,10 +153,22 @@ class FocalRetinaNet(RetinaNet):
             cls_loss=build_cls_loss(cfg),
             num_pos_across_workers=cfg.MODEL.FOCAL_RETINANET.NUM_POS_ACROSS_WORKERS,
             diagnostics_period=cfg.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD,
-            channels_last=_channels_last(cfg),
+            **_channels_last(cfg),
             compile=cfg.MODEL.FOCAL_RETINANET.COMPILE,
         )
         return ret
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._apply_memory_format()
+        return self
+
+    def _apply_memory_format(self) -> None:
+        fmt = torch.channels_last if self.channels_last[self.training] else torch.contiguous_format
+        if any(not p.is_contiguous(memory_format=fmt) for p in self.parameters() if p.dim() == 4):
+            # In place (Module.to sets .data): optimizers and DDP keep the same parameters.
+            # Device moves and load_state_dict keep the format of existing tensors.
+            self.to(memory_format=fmt)
 
     @property
     def num_logits(self) -> int:

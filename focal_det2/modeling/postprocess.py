@@ -11,13 +11,15 @@ with less work:
   (:meth:`ClassificationLoss.score_threshold_logit`), anchors are compared to it in logit
   space and only the candidates above it are scored; their scores are then compared to the
   score threshold itself, so the result equals scoring every anchor;
-- the top-k per level is one selection over the (anchor, class) pairs of all images, before
-  the threshold (the same set), so that the number of candidates stays bounded;
+- per level, when no image has more than k candidates above the threshold (a trained model)
+  they are all kept without a selection; otherwise (and in the exported graph) the top-k is
+  one selection over the (anchor, class) pairs of all images, before the threshold (the same
+  set), so that the number of candidates stays bounded;
 - the detection cap is one sort over the candidates of all images and levels;
 - only the kept candidates are decoded into boxes.
 
-Everything is tensor operations without data-dependent Python control flow, so that
-``torch.export`` traces it with dynamic image sizes.
+When exporting, everything is tensor operations without data-dependent Python control flow,
+so that ``torch.export`` traces it with dynamic image sizes.
 """
 
 from typing import List, Optional, Tuple
@@ -76,13 +78,7 @@ def dense_detections(
             ranked, thresh = logits_i, logit_thresh
         num_classes = ranked.shape[-1]
         ranked = ranked.flatten(1)  # (N, Ri * K)
-        # Detectron2's top-k of the candidates above the threshold is the top-k of all
-        # (anchor, class) pairs that are above it: one batched selection, whatever the number
-        # of candidates (an untrained model has millions).
-        top, index = ranked.topk(torch.sym_min(topk_candidates, ranked.shape[1]), dim=1)
-        image = torch.arange(num_images, device=top.device)[:, None].expand_as(index)
-        above = top > thresh
-        image, index, top = image[above], index[above], top[above]
+        image, index, top = _level_candidates(ranked, thresh, topk_candidates)
         score = top if logit_thresh is None else cls_loss.predict_scores(top)
         # Row-major (anchor, class) order within an image, as Detectron2 enumerates candidates.
         anchor = torch.div(index, num_classes, rounding_mode="floor") + first_anchor
@@ -105,6 +101,32 @@ def dense_detections(
     keep = _batched_nms(boxes, scores, image * num_classes + classes, nms_thresh)
     keep = keep[_top_k_per_segment(image[keep], scores[keep], max_detections_per_image, num_images)]
     return boxes[keep], scores[keep], classes[keep], image[keep]
+
+
+def _level_candidates(ranked: Tensor, thresh: float, k: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """
+    Detectron2's candidates of one level: the top-k of each image's (anchor, class) pairs
+    above the threshold, as (image, pair index, value) in no particular order.
+
+    Args:
+        ranked: (N, P) values of the P pairs of each image (scores or logits).
+        thresh: the threshold on the same scale.
+        k: the top-k.
+    """
+    num_images = ranked.shape[0]
+    above = ranked > thresh
+    if not torch.compiler.is_exporting() and above.sum(1).max() <= k:
+        # A trained model's usual case: every pair above the threshold is in the top-k, no
+        # selection needed (a data-dependent branch, eager only).
+        image, index = above.nonzero(as_tuple=True)
+        return image, index, ranked[image, index]
+    # The top-k of the pairs above the threshold is the top-k of all pairs that are above it:
+    # one batched selection, whatever the number of candidates (an untrained model has
+    # millions).
+    top, index = ranked.topk(torch.sym_min(k, ranked.shape[1]), dim=1)
+    image = torch.arange(num_images, device=top.device)[:, None].expand_as(index)
+    above = top > thresh
+    return image[above], index[above], top[above]
 
 
 def _batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float) -> Tensor:
