@@ -15,6 +15,7 @@ from detectron2.utils.events import EventStorage
 
 import focal_det2
 from focal_det2 import FocalRetinaNet
+from focal_det2.modeling import postprocess
 from focal_det2.modeling.losses import build_cls_loss
 from focal_det2.modeling.postprocess import dense_detections
 
@@ -189,11 +190,16 @@ def canonical(instances):
 @pytest.mark.parametrize(
     "norm, batched", [("", True), ("GN", False)], ids=["one_batch", "GN-one_image_each"]
 )
-# The post-processing keeps every candidate of a level when none of its images has more than
-# TOPK_CANDIDATES_TEST of them, and selects the top-k otherwise: 10**6 takes the first path
-# on every level, 20 the second.
-@pytest.mark.parametrize("topk", [1000, 20, 10**6])
-def test_detections_match_detectron2(norm, batched, topk):
+# The three ways of the post-processing to the per-level top-k: every candidate kept (no image
+# has more than TOPK_CANDIDATES_TEST), the top-k of the candidates (few pass), the top-k of
+# all pairs before the threshold (many pass, as with an untrained model; here forced).
+@pytest.mark.parametrize(
+    "topk, max_passing_per_topk",
+    [(10**6, 64), (20, 64), (20, 0), (1000, 64)],
+    ids=["all_kept", "topk_of_passing", "topk_of_all", "default_topk"],
+)
+def test_detections_match_detectron2(norm, batched, topk, max_passing_per_topk, monkeypatch):
+    monkeypatch.setattr(postprocess, "_MAX_PASSING_PER_TOPK", max_passing_per_topk)
     reference, ours = build_pair(norm)
     reference.test_topk_candidates = ours.test_topk_candidates = topk
     batch = [{k: v for k, v in x.items() if k != "instances"} for x in make_batch()]

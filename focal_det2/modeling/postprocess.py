@@ -11,10 +11,11 @@ with less work:
   (:meth:`ClassificationLoss.score_threshold_logit`), anchors are compared to it in logit
   space and only the candidates above it are scored; their scores are then compared to the
   score threshold itself, so the result equals scoring every anchor;
-- per level, when no image has more than k candidates above the threshold (a trained model)
-  they are all kept without a selection; otherwise (and in the exported graph) the top-k is
-  one selection over the (anchor, class) pairs of all images, before the threshold (the same
-  set), so that the number of candidates stays bounded;
+- per level, in eager mode, when few pairs pass the threshold (a trained model), the top-k
+  of those that pass, as Detectron2 does (kept without a selection when no image has more
+  than k); when many pass (an untrained model: millions), and in the exported graph, the
+  top-k is one selection over the (anchor, class) pairs of all images, before the threshold
+  (the same set), so that the number of candidates stays bounded;
 - the detection cap is one sort over the candidates of all images and levels;
 - only the kept candidates are decoded into boxes.
 
@@ -115,18 +116,40 @@ def _level_candidates(ranked: Tensor, thresh: float, k: int) -> Tuple[Tensor, Te
     """
     num_images = ranked.shape[0]
     above = ranked > thresh
-    if not torch.compiler.is_exporting() and above.sum(1).max() <= k:
-        # A trained model's usual case: every pair above the threshold is in the top-k, no
-        # selection needed (a data-dependent branch, eager only).
-        image, index = above.nonzero(as_tuple=True)
-        return image, index, ranked[image, index]
+    if not torch.compiler.is_exporting():
+        # Eager, a data-dependent choice: when few pairs pass (a trained model; up to tens of
+        # thousands at 800 px), Detectron2's way, the top-k of the pairs that pass, reads the
+        # level once.
+        if int(above.count_nonzero()) <= _MAX_PASSING_PER_TOPK * k * num_images:
+            image, index = above.nonzero(as_tuple=True)
+            values = ranked[image, index]
+            keep = _top_k_per_image(image, values, k, num_images)
+            return image[keep], index[keep], values[keep]
     # The top-k of the pairs above the threshold is the top-k of all pairs that are above it:
-    # one batched selection, whatever the number of candidates (an untrained model has
-    # millions).
+    # one batched selection, however many pass (an untrained model: millions), traceable.
     top, index = ranked.topk(torch.sym_min(k, ranked.shape[1]), dim=1)
     image = torch.arange(num_images, device=top.device)[:, None].expand_as(index)
     above = top > thresh
     return image[above], index[above], top[above]
+
+
+# Above this many passing pairs per top-k, selecting among all pairs is cheaper than sorting
+# the passing ones.
+_MAX_PASSING_PER_TOPK = 64
+
+
+def _top_k_per_image(image: Tensor, values: Tensor, k: int, num_images: int) -> Tensor:
+    """Indices of the k highest ``values`` of each image (eager: data-dependent shapes)."""
+    counts = torch.bincount(image, minlength=num_images)
+    if int(counts.max()) <= k:  # minlength: never empty
+        return torch.arange(len(values), device=values.device)
+    if num_images == 1:
+        return values.topk(k).indices
+    # By image, then by descending value: two stable sorts.
+    order = values.sort(descending=True, stable=True).indices
+    order = order[image[order].sort(stable=True).indices]
+    rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[image[order]]
+    return order[rank < k]
 
 
 def _batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float) -> Tensor:
