@@ -7,12 +7,14 @@ for each CPU instruction set asked for.
 
 The models are built from Detectron2's ``COCO-Detection/retinanet_R_50_FPN_1x.yaml`` (R50-FPN,
 80 classes): FocalRetinaNet with the plugin's defaults (``MODEL.FOCAL_RETINANET.CHANNELS_LAST
-"auto"``: the row names the format it picked), with each memory format forced, and compiled
+"auto"``: the row names the formats it picked for training and inference), with each memory
+format forced, and compiled
 (``MODEL.FOCAL_RETINANET.COMPILE True``, default memory format); the weights are copied so that
 all compute the same function. Timed: a training step (forward + backward on 2 images of size x
-size with a few boxes each) and inference (forward in eval mode, post-processing included). The
-repetitions rotate the order of the models; medians are reported, after untimed warm-up steps
-(the first call is reported apart: it includes the compilations). The speed-up is the median
+size with a few boxes each) and inference (forward in eval mode, post-processing included), one
+phase after the other. The repetitions rotate the order of the models; medians are reported,
+after untimed warm-up steps of the phase (the first call is reported apart: it includes the
+compilations, and the default model's change of memory format). The speed-up is the median
 over repetitions of the ratio of Detectron2's time to the model's in the same repetition, which
 cancels the slow drifts of a shared machine. Peak memory: the growth of PyTorch's allocations
 during one extra step.
@@ -127,17 +129,18 @@ def measure(args) -> dict:
         for p, fn in phases.items()
         for m in names
     }
-    for _ in range(args.warmup - 1):
-        for phase, fn in phases.items():
+    times: Dict[tuple, List[float]] = {(p, m): [] for p in phases for m in names}
+    rows = []
+    # One phase after the other, as a model trains for many steps between evaluations: a
+    # model whose memory format differs by mode converts its parameters once per phase
+    # change (in its first call), not in the timed calls or in the peak.
+    for phase, fn in phases.items():
+        for _ in range(max(1, args.warmup - 1)):  # the first calls were the first warm-up
             for name in names:
                 fn(models[name], batch)
-    times: Dict[tuple, List[float]] = {(p, m): [] for p in phases for m in names}
-    for rep in range(args.reps):
-        for phase, fn in phases.items():
+        for rep in range(args.reps):
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 times[phase, name].append(timed(lambda: fn(models[name], batch), args.device))
-    rows = []
-    for phase, fn in phases.items():
         reference = times[phase, REFERENCE]
         for name in names:
             values = times[phase, name]

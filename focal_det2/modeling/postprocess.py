@@ -115,11 +115,11 @@ def _level_candidates(ranked: Tensor, thresh: float, k: int) -> Tuple[Tensor, Te
         k: the top-k.
     """
     num_images = ranked.shape[0]
-    above = ranked > thresh
     if not torch.compiler.is_exporting():
         # Eager, a data-dependent choice: when few pairs pass (a trained model; up to tens of
         # thousands at 800 px), Detectron2's way, the top-k of the pairs that pass, reads the
         # level once.
+        above = ranked > thresh
         if int(above.count_nonzero()) <= _MAX_PASSING_PER_TOPK * k * num_images:
             image, index = above.nonzero(as_tuple=True)
             values = ranked[image, index]
