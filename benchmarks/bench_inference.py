@@ -33,7 +33,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 
-from focal_det2 import add_focal_config
+from focal_det2 import FocalRetinaNet, add_focal_config
 from focal_det2.export import OnnxPredictor, export
 
 from common import load, machine
@@ -93,12 +93,18 @@ def post_share(model, image: torch.Tensor, reps: int) -> float:
     """Median share of the latency after the head, over ``reps`` calls split at the head."""
     inputs = [{"image": image.float(), "height": image.shape[1], "width": image.shape[2]}]
     shares = []
+    # What the model's forward runs: FocalRetinaNet's copies with folded batch norms, if any.
+    backbone, head = (
+        model.inference_modules()
+        if isinstance(model, FocalRetinaNet)
+        else (model.backbone, model.head)
+    )
     for _ in range(reps):
         start = time.perf_counter()
         images = model.preprocess_image(inputs)
-        features = model.backbone(images.tensor)
+        features = backbone(images.tensor)
         features = [features[f] for f in model.head_in_features]
-        predictions = model.head(features)
+        predictions = head(features)
         middle = time.perf_counter()
         results = model.forward_inference(images, features, predictions)
         detector_postprocess(results[0], image.shape[1], image.shape[2])

@@ -54,6 +54,8 @@ def build_pair(norm="", channels_last=True, box_reg_loss_type="smooth_l1"):
     focal_det2.add_focal_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "FocalRetinaNet"
     cfg.MODEL.FOCAL_RETINANET.CHANNELS_LAST = "on" if channels_last else "off"
+    # Detectron2's computation, bit for bit; folding is tested in tests/test_folding.py.
+    cfg.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS = False
     ours = build_model(cfg)
     assert type(reference) is RetinaNet and type(ours) is FocalRetinaNet
     with torch.no_grad():

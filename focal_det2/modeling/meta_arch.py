@@ -1,7 +1,7 @@
 """The FocalRetinaNet meta-architecture."""
 
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -12,12 +12,14 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
-from torch import Tensor
+from torch import Tensor, nn
 
 from .acceleration import CHANNELS_LAST_SETTINGS, choose_channels_last, compile_with_fallback
+from .folding import fold_batch_norms, state_signature
 from .heads import FOCAL_HEAD_REGISTRY, build_focal_head
 from .losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
 from .postprocess import dense_detections
@@ -111,6 +113,7 @@ class FocalRetinaNet(RetinaNet):
         channels_last_training: bool = False,
         channels_last_inference: bool = False,
         compile: bool = False,
+        fold_batch_norms: bool = True,
         **kwargs,
     ):
         """
@@ -123,6 +126,9 @@ class FocalRetinaNet(RetinaNet):
             channels_last_inference: the same in inference mode (``eval()``); the parameters
                 change format when the mode changes (the same values, objects and keys).
             compile: run the backbone (with the FPN) and the head under ``torch.compile``.
+            fold_batch_norms: in inference without gradients, run copies of the backbone and
+                the head with their batch norms folded into the convolutions (not with
+                ``compile``, which folds them itself).
             kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
         """
         super().__init__(**kwargs)
@@ -135,6 +141,11 @@ class FocalRetinaNet(RetinaNet):
         if compile:
             compile_with_fallback(self.backbone, "backbone")
             compile_with_fallback(self.head, "head")
+        self.fold_batch_norms = fold_batch_norms and not compile
+        # (state signature, backbone, head) of the last folding; not submodules: no state-dict
+        # keys, and DDP and optimizers do not see them.
+        self._folded: Optional[tuple] = None
+        self._last_anchors: Optional[tuple] = None  # (feature sizes, anchors)
 
     @classmethod
     def from_config(cls, cfg):
@@ -155,13 +166,59 @@ class FocalRetinaNet(RetinaNet):
             diagnostics_period=cfg.MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD,
             **_channels_last(cfg),
             compile=cfg.MODEL.FOCAL_RETINANET.COMPILE,
+            fold_batch_norms=cfg.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS,
         )
         return ret
 
     def train(self, mode: bool = True):
         super().train(mode)
         self._apply_memory_format()
+        if mode:
+            self._folded = None  # stale after the next step; frees the folded weights
         return self
+
+    def inference_modules(self) -> Tuple[nn.Module, nn.Module]:
+        """
+        The backbone and the head that inference runs now: copies with the batch norms folded
+        into the convolutions (built on the first call and again whenever a parameter or
+        buffer changed) when ``fold_batch_norms`` applies, i.e. in eval mode, without
+        gradients, in eager mode; else ``self.backbone`` and ``self.head``.
+        """
+        if (
+            self.training
+            or not self.fold_batch_norms
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+        ):
+            return self.backbone, self.head
+        signature = state_signature([self.backbone, self.head])
+        if signature is None:
+            return self.backbone, self.head
+        if self._folded is None or self._folded[0] != signature:
+            backbone, head = fold_batch_norms(self.backbone), fold_batch_norms(self.head)
+            self._folded = (signature, backbone or self.backbone, head or self.head)
+        return self._folded[1:]
+
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """
+        Detectron2's: losses in training, per image ``{"instances": Instances}`` in inference,
+        computed by :meth:`inference_modules`.
+        """
+        backbone, head = self.inference_modules()
+        if backbone is self.backbone and head is self.head:
+            return super().forward(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        features = backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        results = self.forward_inference(images, features, head(features))
+        return [
+            {
+                "instances": detector_postprocess(
+                    r, x.get("height", size[0]), x.get("width", size[1])
+                )
+            }
+            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+        ]
 
     def _apply_memory_format(self) -> None:
         fmt = torch.channels_last if self.channels_last[self.training] else torch.contiguous_format
@@ -318,12 +375,21 @@ class FocalRetinaNet(RetinaNet):
         """
         boxes, scores, classes, image_index = self.detect(features, predictions)
         counts = torch.bincount(image_index, minlength=len(images)).tolist()
-        return [
-            Instances(size, pred_boxes=Boxes(b), scores=s, pred_classes=c)
-            for size, b, s, c in zip(
-                images.image_sizes, boxes.split(counts), scores.split(counts), classes.split(counts)
+        results, start = [], 0
+        for size, count in zip(images.image_sizes, counts):
+            # Slices, not split(): detector_postprocess scales the boxes in place, which
+            # autograd refuses on the views of a multi-output function (inference with grad).
+            per_image = slice(start, start + count)
+            results.append(
+                Instances(
+                    size,
+                    pred_boxes=Boxes(boxes[per_image]),
+                    scores=scores[per_image],
+                    pred_classes=classes[per_image],
+                )
             )
-        ]
+            start += count
+        return results
 
     def detect(
         self, features: List[Tensor], predictions: List[List[Tensor]]
@@ -343,11 +409,10 @@ class FocalRetinaNet(RetinaNet):
         pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
             predictions, [self.num_classes, 4]
         )
-        anchors = [x.tensor for x in self.anchor_generator(features)]
         return dense_detections(
             pred_logits,
             pred_anchor_deltas,
-            anchors,
+            self._inference_anchors(features),
             cls_loss=self.cls_loss,
             box2box_transform=self.box2box_transform,
             score_thresh=self.test_score_thresh,
@@ -355,3 +420,15 @@ class FocalRetinaNet(RetinaNet):
             nms_thresh=self.test_nms_thresh,
             max_detections_per_image=self.max_detections_per_image,
         )
+
+    def _inference_anchors(self, features: List[Tensor]) -> List[Tensor]:
+        """
+        The anchors of each level, XYXY: in eager mode, those of the last call when the feature
+        maps have the same sizes (a fixed input size: no anchor generation per image).
+        """
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            return [x.tensor for x in self.anchor_generator(features)]
+        key = (features[0].device, *(tuple(x.shape[-2:]) for x in features))
+        if self._last_anchors is None or self._last_anchors[0] != key:
+            self._last_anchors = (key, [x.tensor for x in self.anchor_generator(features)])
+        return self._last_anchors[1]

@@ -68,23 +68,29 @@ def dense_detections(
     """
     num_images, num_levels = logits[0].shape[0], len(logits)
     logit_thresh = cls_loss.score_threshold_logit(score_thresh)
+    if logit_thresh is None:
+        ranked_levels = [cls_loss.predict_scores(x) for x in logits]
+        thresh = score_thresh
+    else:
+        # An elementwise, increasing score function: logits rank as the scores do.
+        ranked_levels, thresh = logits, logit_thresh
+    num_classes = ranked_levels[0].shape[-1]
+    ranked_levels = [x.flatten(1) for x in ranked_levels]  # (N, Ri * K)
+    if torch.compiler.is_exporting():
+        passing = [None] * num_levels
+    else:
+        # Eager: which pairs pass on every level, and how many, in one synchronisation.
+        above = [x > thresh for x in ranked_levels]
+        passing = zip(above, torch.stack([x.count_nonzero() for x in above]).tolist())
     candidates: List[Tuple[Tensor, ...]] = []
     first_anchor = 0
-    for level, logits_i in enumerate(logits):
-        if logit_thresh is None:
-            ranked = cls_loss.predict_scores(logits_i)
-            thresh = score_thresh
-        else:
-            # An elementwise, increasing score function: logits rank as the scores do.
-            ranked, thresh = logits_i, logit_thresh
-        num_classes = ranked.shape[-1]
-        ranked = ranked.flatten(1)  # (N, Ri * K)
-        image, index, top = _level_candidates(ranked, thresh, topk_candidates)
+    for level, (ranked, level_passing) in enumerate(zip(ranked_levels, passing)):
+        image, index, top = _level_candidates(ranked, thresh, topk_candidates, level_passing)
         score = top if logit_thresh is None else cls_loss.predict_scores(top)
         # Row-major (anchor, class) order within an image, as Detectron2 enumerates candidates.
         anchor = torch.div(index, num_classes, rounding_mode="floor") + first_anchor
         candidates.append((image, anchor, index % num_classes, score, image * num_levels + level))
-        first_anchor += logits_i.shape[1]
+        first_anchor += logits[level].shape[1]
     image, anchor, classes, scores, segment = (torch.cat(x) for x in zip(*candidates))
 
     # The logit threshold lets through a margin of candidates whose score is not above the
@@ -104,7 +110,9 @@ def dense_detections(
     return boxes[keep], scores[keep], classes[keep], image[keep]
 
 
-def _level_candidates(ranked: Tensor, thresh: float, k: int) -> Tuple[Tensor, Tensor, Tensor]:
+def _level_candidates(
+    ranked: Tensor, thresh: float, k: int, passing: Optional[Tuple[Tensor, int]]
+) -> Tuple[Tensor, Tensor, Tensor]:
     """
     Detectron2's candidates of one level: the top-k of each image's (anchor, class) pairs
     above the threshold, as (image, pair index, value) in no particular order.
@@ -113,18 +121,21 @@ def _level_candidates(ranked: Tensor, thresh: float, k: int) -> Tuple[Tensor, Te
         ranked: (N, P) values of the P pairs of each image (scores or logits).
         thresh: the threshold on the same scale.
         k: the top-k.
+        passing: in eager mode, ``ranked > thresh`` and its number of True values; None when
+            exporting.
     """
     num_images = ranked.shape[0]
-    if not torch.compiler.is_exporting():
-        # Eager, a data-dependent choice: when few pairs pass (a trained model; up to tens of
-        # thousands at 800 px), Detectron2's way, the top-k of the pairs that pass, reads the
-        # level once.
-        above = ranked > thresh
-        if int(above.count_nonzero()) <= _MAX_PASSING_PER_TOPK * k * num_images:
-            image, index = above.nonzero(as_tuple=True)
-            values = ranked[image, index]
-            keep = _top_k_per_image(image, values, k, num_images)
-            return image[keep], index[keep], values[keep]
+    # Eager, a data-dependent choice: when few pairs pass (a trained model; up to tens of
+    # thousands at 800 px), Detectron2's way, the top-k of the pairs that pass, reads the level
+    # once.
+    if passing is not None and passing[1] <= _MAX_PASSING_PER_TOPK * k * num_images:
+        above, num_passing = passing
+        image, index = above.nonzero(as_tuple=True)
+        values = ranked[image, index]
+        if num_passing <= k:  # no image has more than k
+            return image, index, values
+        keep = _top_k_per_image(image, values, k, num_images)
+        return image[keep], index[keep], values[keep]
     # The top-k of the pairs above the threshold is the top-k of all pairs that are above it:
     # one batched selection, however many pass (an untrained model: millions), traceable.
     top, index = ranked.topk(torch.sym_min(k, ranked.shape[1]), dim=1)

@@ -1,0 +1,148 @@
+"""Inference with the batch norms folded into the convolutions (FOLD_BATCH_NORMS)."""
+
+import copy
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import CycleBatchNormList
+from detectron2.modeling import build_model
+from torch import nn
+
+from focal_det2 import add_focal_config
+
+from helpers import REPO
+
+# Folded and unfolded float32 convolutions round differently: measured on this model, feature
+# maps differ by up to 3e-6 of their largest value, boxes by 3e-5 px, scores by 2e-7.
+FEATURE_RTOL = 1e-5
+BOX_ATOL = 1e-2
+SCORE_ATOL = 1e-5
+
+
+def _model(fold: bool):
+    """The demo model (BN backbone, per-level BN head), its norms far from the identity."""
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
+    cfg.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS = fold
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5, generator=g)
+                module.running_var.uniform_(0.5, 2.0, generator=g)
+            if (
+                isinstance(module, (nn.BatchNorm2d, CycleBatchNormList))
+                and module.weight is not None
+            ):
+                module.weight.uniform_(0.5, 1.5, generator=g)
+                module.bias.normal_(0, 0.2, generator=g)
+        # Spread logits: well-separated scores, some above the threshold.
+        model.head.cls_score.weight.normal_(0, 0.05, generator=g)
+        model.head.cls_score.bias.fill_(-3.0)
+    return model.eval()
+
+
+def _images():
+    g = torch.Generator().manual_seed(2)
+    return [
+        {"image": torch.randint(0, 256, (3, h, w), generator=g).float()}
+        for h, w in ((256, 192), (160, 256))
+    ]
+
+
+def _dense_outputs(model, backbone, head):
+    with torch.no_grad():
+        images = model.preprocess_image(_images())
+        features = backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        logits, deltas = head(features)
+    return features + logits + deltas
+
+
+def _assert_dense_close(ours, reference):
+    for x, y in zip(ours, reference, strict=True):
+        error = (x - y).abs().max().item()
+        assert error <= FEATURE_RTOL * y.abs().max().item(), error
+
+
+def _assert_detections_close(ours, reference):
+    for x, y in zip(ours, reference, strict=True):
+        x, y = x["instances"], y["instances"]
+        assert len(x) == len(y) > 10
+        # Matched by class and box, not by rank: scores closer than the rounding may swap.
+        distance = torch.cdist(x.pred_boxes.tensor, y.pred_boxes.tensor)
+        distance[x.pred_classes[:, None] != y.pred_classes[None]] = float("inf")
+        match = distance.argmin(dim=1)
+        assert len(match.unique()) == len(y)
+        torch.testing.assert_close(x.scores, y.scores[match], rtol=0, atol=SCORE_ATOL)
+        torch.testing.assert_close(
+            x.pred_boxes.tensor, y.pred_boxes.tensor[match], rtol=0, atol=BOX_ATOL
+        )
+
+
+def test_folded_inference_equals_unfolded():
+    folded, unfolded = _model(fold=True), _model(fold=False)
+    keys = list(folded.state_dict())
+    with torch.no_grad():
+        ours, reference = folded(_images()), unfolded(_images())
+        backbone, head = folded.inference_modules()
+        assert unfolded.inference_modules() == (unfolded.backbone, unfolded.head)
+    _assert_detections_close(ours, reference)
+    assert backbone is not folded.backbone and head is not folded.head
+    # Every batch norm folded, in the backbone and in the head's per-level ones.
+    for module in (backbone, head):
+        assert not any(
+            isinstance(m, (nn.BatchNorm2d, CycleBatchNormList)) for m in module.modules()
+        )
+    _assert_dense_close(
+        _dense_outputs(folded, backbone, head),
+        _dense_outputs(unfolded, unfolded.backbone, unfolded.head),
+    )
+    # The copies share what is not folded, and are no part of the model's state.
+    assert head.cls_score.weight is folded.head.cls_score.weight
+    assert backbone.fpn_output3.weight is folded.backbone.fpn_output3.weight
+    assert list(folded.state_dict()) == keys
+
+
+def test_folded_copies_follow_the_weights():
+    model = _model(fold=True)
+    with torch.no_grad():
+        model(_images())
+        first = model.inference_modules()
+        assert model.inference_modules() == first  # unchanged weights: the same copies
+        # An in-place change (an optimizer step, load_state_dict) folds again.
+        model.backbone.bottom_up.stem.conv1.norm.running_var.mul_(3.0)
+        model.head.cls_subnet[1][2].running_mean.add_(0.5)
+        backbone, head = model.inference_modules()
+    assert backbone is not first[0] and head is not first[1]
+    unfolded = copy.deepcopy(model)
+    unfolded.fold_batch_norms = False
+    _assert_dense_close(
+        _dense_outputs(model, backbone, head),
+        _dense_outputs(unfolded, unfolded.backbone, unfolded.head),
+    )
+    # With gradients, inference runs the model's own modules, so that they get gradients.
+    with torch.enable_grad():
+        assert model.inference_modules() == (model.backbone, model.head)
+        scores = model(_images())[0]["instances"].scores
+        scores.sum().backward()
+    assert model.backbone.bottom_up.stem.conv1.weight.grad is not None
+    # Training drops the copies (their weights go stale at the first step).
+    model.train()
+    assert model._folded is None
+    assert model.inference_modules() == (model.backbone, model.head)
+
+
+@pytest.mark.parametrize("opts", [["MODEL.RETINANET.NORM", "GN", "MODEL.RESNETS.NORM", "GN"]])
+def test_nothing_to_fold_keeps_the_modules(opts):
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
+    cfg.merge_from_list(opts)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        assert model.inference_modules() == (model.backbone, model.head)
