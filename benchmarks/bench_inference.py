@@ -2,7 +2,7 @@
 CPU inference latency, batch 1: Detectron2's RetinaNet, FocalRetinaNet eager and FocalRetinaNet
 exported to ONNX in onnxruntime, side by side in one run, on the same weights.
 
-    .venv/bin/python benchmarks/bench_inference.py [--settings demo r50] [--reps 20]
+    .venv/bin/python benchmarks/bench_inference.py [--settings demo r50] [--reps N]
 
 Settings: "demo", the demo model (``configs/demo.yaml``) at its test size (256 px), and "r50",
 R50-FPN (``configs/retinanet_R50_FPN.yaml``) at 800 px. Weights are random (identical in the
@@ -43,6 +43,9 @@ SETTINGS = {
     "demo": ("configs/demo.yaml", 256),
     "r50": ("configs/retinanet_R50_FPN.yaml", 800),
 }
+# Repetitions by default: on a noisy 2-core VM single calls vary by 2x, and a demo repetition
+# takes 0.3 s where an R50 one takes 12 s.
+DEFAULT_REPS = {"demo": 100, "r50": 20}
 MODELS = ("Detectron2 RetinaNet", "FocalRetinaNet eager", "FocalRetinaNet onnxruntime")
 CANDIDATE_SHARE = 0.003
 
@@ -172,13 +175,16 @@ def bench_setting(name: str, reps: int, warmup: int, workdir: str) -> List[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, help="repetitions (default: demo 100, r50 20)")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
     load_before = load()
     with tempfile.TemporaryDirectory() as workdir:
-        tables = [bench_setting(s, args.reps, args.warmup, workdir) for s in args.settings]
+        tables = [
+            bench_setting(s, args.reps or DEFAULT_REPS[s], args.warmup, workdir)
+            for s in args.settings
+        ]
     import onnxruntime
 
     print("# CPU inference latency, batch 1")
@@ -188,7 +194,8 @@ def main() -> None:
     print(f"- CPU capability: {torch.backends.cpu.get_cpu_capability()}")
     print(f"- onnxruntime {onnxruntime.__version__}, numpy {np.__version__}")
     print(f"- load average before: {load_before}; after: {load()}")
-    print(f"- {args.reps} reps, order rotated, after {args.warmup} warm-up calls of each")
+    reps = ", ".join(f"{s} {args.reps or DEFAULT_REPS[s]}" for s in args.settings)
+    print(f"- repetitions: {reps}; order rotated, after {args.warmup} warm-up calls of each")
     print()
     for lines in tables:
         print("\n".join(lines))
