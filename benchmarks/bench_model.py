@@ -104,7 +104,8 @@ def train_step(model: torch.nn.Module, batch: List[dict]) -> None:
 
 
 def inference(model: torch.nn.Module, batch: List[dict]) -> None:
-    model.eval()
+    if model.training:  # once per phase, as an evaluation loop does
+        model.eval()
     with torch.no_grad():
         model([{k: v for k, v in x.items() if k != "instances"} for x in batch])
 

@@ -57,7 +57,8 @@ def add_focal_config(cfg: CN) -> None:
     # Inference (eval mode, no gradients, eager) runs copies of the backbone and head with each
     # batch norm folded into the convolution before it: one pass over each feature map less,
     # the same detections up to float rounding (README: Deploy). The copies share the other
-    # weights and are rebuilt when a weight changes. False: Detectron2's computation, bit for bit.
+    # weights and are rebuilt after train()/eval() and when a weight changes; with forward hooks
+    # on those modules inference runs them. False: Detectron2's computation, bit for bit.
     _C.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS = True
     # Per-class alpha of the classification loss (every loss with an alpha): one float in
     # [0, 1] per class (MODEL.RETINANET.NUM_CLASSES values), weighting the positives of class k

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.layers import CycleBatchNormList
+from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
@@ -20,24 +20,28 @@ BOX_ATOL = 1e-2
 SCORE_ATOL = 1e-5
 
 
-def _model(fold: bool):
-    """The demo model (BN backbone, per-level BN head), its norms far from the identity."""
+NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d, CycleBatchNormList)
+
+
+def _model(fold: bool, backbone_norm: str = "BN"):
+    """
+    The demo model (BN or FrozenBN backbone, per-level BN head), its norms far from the
+    identity.
+    """
     cfg = get_cfg()
     add_focal_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
     cfg.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS = fold
+    cfg.MODEL.RESNETS.NORM = backbone_norm
     torch.manual_seed(0)
     model = build_model(cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
                 module.running_mean.normal_(0, 0.5, generator=g)
                 module.running_var.uniform_(0.5, 2.0, generator=g)
-            if (
-                isinstance(module, (nn.BatchNorm2d, CycleBatchNormList))
-                and module.weight is not None
-            ):
+            if isinstance(module, NORMS) and module.weight is not None:
                 module.weight.uniform_(0.5, 1.5, generator=g)
                 module.bias.normal_(0, 0.2, generator=g)
         # Spread logits: well-separated scores, some above the threshold.
@@ -84,8 +88,9 @@ def _assert_detections_close(ours, reference):
         )
 
 
-def test_folded_inference_equals_unfolded():
-    folded, unfolded = _model(fold=True), _model(fold=False)
+@pytest.mark.parametrize("backbone_norm", ["BN", "FrozenBN"])
+def test_folded_inference_equals_unfolded(backbone_norm):
+    folded, unfolded = _model(True, backbone_norm), _model(False, backbone_norm)
     keys = list(folded.state_dict())
     with torch.no_grad():
         ours, reference = folded(_images()), unfolded(_images())
@@ -95,9 +100,7 @@ def test_folded_inference_equals_unfolded():
     assert backbone is not folded.backbone and head is not folded.head
     # Every batch norm folded, in the backbone and in the head's per-level ones.
     for module in (backbone, head):
-        assert not any(
-            isinstance(m, (nn.BatchNorm2d, CycleBatchNormList)) for m in module.modules()
-        )
+        assert not any(isinstance(m, NORMS) for m in module.modules())
     _assert_dense_close(
         _dense_outputs(folded, backbone, head),
         _dense_outputs(unfolded, unfolded.backbone, unfolded.head),
@@ -131,10 +134,40 @@ def test_folded_copies_follow_the_weights():
         scores = model(_images())[0]["instances"].scores
         scores.sum().backward()
     assert model.backbone.bottom_up.stem.conv1.weight.grad is not None
-    # Training drops the copies (their weights go stale at the first step).
+    # Every mode change drops the copies: changes autograd does not count (here a .data
+    # edit) are folded at the next eval().
     model.train()
     assert model._folded is None
     assert model.inference_modules() == (model.backbone, model.head)
+    model.eval()
+    with torch.no_grad():
+        stale = model.inference_modules()
+        model.backbone.bottom_up.res3[0].conv1.norm.running_mean.data.add_(1.0)
+        unfolded.backbone.bottom_up.res3[0].conv1.norm.running_mean.data.add_(1.0)
+        assert model.inference_modules() == stale  # not counted: why eval() folds anew
+        model.eval()
+        backbone, head = model.inference_modules()
+    assert backbone is not stale[0]
+    _assert_dense_close(
+        _dense_outputs(model, backbone, head),
+        _dense_outputs(unfolded, unfolded.backbone, unfolded.head),
+    )
+    # Copies and pickles leave the cache out.
+    assert copy.deepcopy(model)._folded is None
+
+
+def test_forward_hooks_see_the_models_own_modules():
+    model = _model(fold=True)
+    calls = []
+    with torch.no_grad():
+        model(_images())  # folded
+        stem = model.backbone.bottom_up.stem
+        handle = stem.register_forward_hook(lambda *args: calls.append(1))
+        assert model.inference_modules() == (model.backbone, model.head)
+        model(_images())
+        assert len(calls) == 1
+        handle.remove()
+        assert model.inference_modules()[0] is not model.backbone
 
 
 @pytest.mark.parametrize("opts", [["MODEL.RETINANET.NORM", "GN", "MODEL.RESNETS.NORM", "GN"]])

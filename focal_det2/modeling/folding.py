@@ -6,7 +6,7 @@ less. The copies share every tensor that folding does not change.
 """
 
 import copy
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
@@ -23,10 +23,11 @@ def fold_batch_norms(module: nn.Module) -> Optional[nn.Module]:
     (the backbone's and FPN's convs) and, in ``nn.Sequential`` (the RetinaNet head's subnets),
     an ``nn.Conv2d`` followed by a batch norm or by Detectron2's per-level
     ``CycleBatchNormList``, whose levels then get one folded convolution each, cycled the same
-    way. Batch norms without running statistics are left as they are.
+    way. Batch norms without running statistics, or in training mode, are left as they are;
+    subclasses of the convolutions are not folded (they may compute something else).
 
     The copy shares the other parameters and buffers with ``module``, holds the folded weights
-    without gradients, and is only valid while ``module``'s tensors do not change (see
+    without gradients, and is only valid while ``module`` does not change (see
     :func:`state_signature`).
     """
     with torch.no_grad():
@@ -35,11 +36,11 @@ def fold_batch_norms(module: nn.Module) -> Optional[nn.Module]:
 
 def _fold_batch_norms(module: nn.Module) -> Optional[nn.Module]:
     # Pre-filled memo: the copy shares every existing tensor instead of duplicating it.
-    shared = {id(t): t for t in _tensors(module)}
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
     folded_copy = copy.deepcopy(module, memo=shared)
     folded_any = False
     for sub in folded_copy.modules():
-        if isinstance(sub, Conv2d) and _has_running_stats(sub.norm):
+        if type(sub) is Conv2d and _has_running_stats(sub.norm):
             _fold_into(sub, sub.norm)
             sub.norm = None
             folded_any = True
@@ -62,28 +63,34 @@ def _fold_batch_norms(module: nn.Module) -> Optional[nn.Module]:
 def state_signature(modules: List[nn.Module]) -> Optional[tuple]:
     """
     What identifies the values of the modules' parameters and buffers: their storage and
-    version counter (every in-place change, from an optimizer step to ``load_state_dict``,
-    increments it; ``.to()`` and ``.data =`` change the storage). None when a tensor is an
-    inference tensor, which has no version counter.
+    version counter (in-place changes through autograd-visible ops, from an optimizer step to
+    ``load_state_dict``, increment it; ``.to()`` and ``.data =`` change the storage). None when
+    a copy would not behave as the modules: a forward hook or pre-hook is registered (it must
+    see the modules' own calls), or a tensor is an inference tensor (no version counter).
     """
     signature = []
     for module in modules:
-        for t in _tensors(module):
-            if t.is_inference():
+        for sub in module.modules():
+            if sub._forward_hooks or sub._forward_pre_hooks:
                 return None
-            signature.append((t.data_ptr(), t._version))
+            for t in (*sub._parameters.values(), *sub._buffers.values()):
+                if t is None:
+                    continue
+                if t.is_inference():
+                    return None
+                signature.append((t.data_ptr(), t._version))
     return tuple(signature)
 
 
-def _tensors(module: nn.Module) -> Iterator[Tensor]:
-    yield from module.parameters()
-    yield from module.buffers()
-
-
 def _has_running_stats(norm) -> bool:
+    """Whether ``norm`` is an affine map per channel: a batch norm using running statistics."""
     if isinstance(norm, FrozenBatchNorm2d):
         return True
-    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_var is not None
+    return (
+        isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        and not norm.training
+        and norm.running_var is not None
+    )
 
 
 def _folded_weights(conv: nn.Conv2d, norm, weight=None, bias=None):

@@ -173,16 +173,29 @@ class FocalRetinaNet(RetinaNet):
     def train(self, mode: bool = True):
         super().train(mode)
         self._apply_memory_format()
-        if mode:
-            self._folded = None  # stale after the next step; frees the folded weights
+        # Every mode change (Detectron2's evaluation calls eval() each time) folds anew: the
+        # state signature misses changes that autograd does not count (``.data`` edits,
+        # collectives such as DDP's buffer broadcast).
+        self._folded = None
         return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # Device and dtype conversions: the folded copies would keep the old tensors alive.
+        self._folded = self._last_anchors = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # Pickles and deep copies leave the caches out: they are rebuilt when needed.
+        return {**super().__getstate__(), "_folded": None, "_last_anchors": None}
 
     def inference_modules(self) -> Tuple[nn.Module, nn.Module]:
         """
         The backbone and the head that inference runs now: copies with the batch norms folded
-        into the convolutions (built on the first call and again whenever a parameter or
-        buffer changed) when ``fold_batch_norms`` applies, i.e. in eval mode, without
-        gradients, in eager mode; else ``self.backbone`` and ``self.head``.
+        into the convolutions when ``fold_batch_norms`` applies, i.e. in eval mode, without
+        gradients, in eager mode, without forward hooks on their modules; else
+        ``self.backbone`` and ``self.head``. The copies are built at the first call after
+        ``train()``/``eval()`` or a device or dtype change, and again whenever a parameter or
+        buffer changed (:func:`~focal_det2.modeling.folding.state_signature`).
         """
         if (
             self.training
@@ -429,6 +442,8 @@ class FocalRetinaNet(RetinaNet):
         if torch.compiler.is_exporting() or torch.compiler.is_compiling():
             return [x.tensor for x in self.anchor_generator(features)]
         key = (features[0].device, *(tuple(x.shape[-2:]) for x in features))
-        if self._last_anchors is None or self._last_anchors[0] != key:
-            self._last_anchors = (key, [x.tensor for x in self.anchor_generator(features)])
-        return self._last_anchors[1]
+        last = self._last_anchors  # one read: threads may share the model
+        if last is None or last[0] != key:
+            last = (key, [x.tensor for x in self.anchor_generator(features)])
+            self._last_anchors = last
+        return last[1]
