@@ -179,12 +179,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
+    reps = {s: args.reps or DEFAULT_REPS[s] for s in args.settings}
     load_before = load()
     with tempfile.TemporaryDirectory() as workdir:
-        tables = [
-            bench_setting(s, args.reps or DEFAULT_REPS[s], args.warmup, workdir)
-            for s in args.settings
-        ]
+        tables = [bench_setting(s, reps[s], args.warmup, workdir) for s in args.settings]
     import onnxruntime
 
     print("# CPU inference latency, batch 1")
@@ -194,8 +192,10 @@ def main() -> None:
     print(f"- CPU capability: {torch.backends.cpu.get_cpu_capability()}")
     print(f"- onnxruntime {onnxruntime.__version__}, numpy {np.__version__}")
     print(f"- load average before: {load_before}; after: {load()}")
-    reps = ", ".join(f"{s} {args.reps or DEFAULT_REPS[s]}" for s in args.settings)
-    print(f"- repetitions: {reps}; order rotated, after {args.warmup} warm-up calls of each")
+    print(
+        f"- repetitions: {', '.join(f'{s} {n}' for s, n in reps.items())}; order rotated, after "
+        f"{args.warmup} warm-up calls of each"
+    )
     print()
     for lines in tables:
         print("\n".join(lines))
