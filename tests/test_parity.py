@@ -282,3 +282,32 @@ def test_logit_threshold_detections_equal_scoring_every_anchor(name, monkeypatch
     # Per image, by descending score.
     for i in range(num_images):
         assert (scores[image == i].diff() <= 0).all()
+
+
+@pytest.mark.parametrize("crowding", ["few_suppressed", "most_suppressed"])
+def test_capped_nms_is_the_cap_of_the_full_nms(crowding, monkeypatch):
+    # Candidates spread over the image (NMS keeps most: the first NMS of the highest-scored
+    # ones reaches the cap) or piled on a few places (it keeps few: the rest is needed).
+    g = torch.Generator().manual_seed(0)
+    num, cap = 600, 100
+    spread = 400.0 if crowding == "few_suppressed" else 20.0
+    xy = torch.rand(num, 2, generator=g) * spread
+    boxes = torch.cat([xy, xy + 20 + torch.rand(num, 2, generator=g) * 20], dim=1)
+    scores = torch.rand(num, generator=g)
+    # Ties at the boundary of the first NMS (the 2 x cap-th highest score): all of them go in.
+    scores[::7] = scores.sort(descending=True).values[2 * cap - 1]
+    groups = torch.randint(0, 5, (num,), generator=g)
+    full = postprocess._batched_nms(boxes, scores, groups, 0.5)
+    first_calls = []
+    original = postprocess._batched_nms
+    monkeypatch.setattr(
+        postprocess,
+        "_batched_nms",
+        lambda *args: first_calls.append(len(args[0])) or original(*args),
+    )
+    capped = postprocess._capped_nms(boxes, scores, groups, 0.5, cap)
+    assert torch.equal(capped, full[:cap])
+    # The first NMS saw the highest-scored 2 x cap candidates and those tied with them.
+    assert first_calls[0] == int((scores >= scores.sort(descending=True).values[2 * cap - 1]).sum())
+    assert 2 * cap < first_calls[0] < num
+    assert len(first_calls) == (1 if crowding == "few_suppressed" else 2)

@@ -11,12 +11,14 @@ with less work:
   (:meth:`ClassificationLoss.score_threshold_logit`), anchors are compared to it in logit
   space and only the candidates above it are scored; their scores are then compared to the
   score threshold itself, so the result equals scoring every anchor;
-- per level, in eager mode, when few pairs pass the threshold (a trained model), the top-k
-  of those that pass, as Detectron2 does (kept without a selection when no image has more
-  than k); when many pass (an untrained model: millions), and in the exported graph, the
-  top-k is one selection over the (anchor, class) pairs of all images, before the threshold
-  (the same set), so that the number of candidates stays bounded;
-- the detection cap is one sort over the candidates of all images and levels;
+- in eager mode, when few pairs pass the threshold (a trained model), the pairs that pass on
+  all levels are found at once, and the top-k of each level and image is one sort of them
+  for all levels and images; when many pass (an untrained model: millions), and in the
+  exported graph, the top-k is one selection per level over the (anchor, class) pairs of all
+  images, before the threshold (the same set), so that the number of candidates stays bounded;
+- the detection cap is one sort over the candidates of all images; for one image, in eager
+  mode, NMS runs first on the highest-scored candidates, and on the others only when these
+  keep fewer detections than the cap;
 - only the kept candidates are decoded into boxes.
 
 When exporting, everything is tensor operations without data-dependent Python control flow,
@@ -76,22 +78,18 @@ def dense_detections(
         ranked_levels, thresh = logits, logit_thresh
     num_classes = ranked_levels[0].shape[-1]
     ranked_levels = [x.flatten(1) for x in ranked_levels]  # (N, Ri * K)
-    if torch.compiler.is_exporting():
-        passing = [None] * num_levels
-    else:
-        # Eager: which pairs pass on every level, and how many, in one synchronisation.
-        above = [x > thresh for x in ranked_levels]
-        passing = zip(above, torch.stack([x.count_nonzero() for x in above]).tolist())
-    candidates: List[Tuple[Tensor, ...]] = []
-    first_anchor = 0
-    for level, (ranked, level_passing) in enumerate(zip(ranked_levels, passing)):
-        image, index, top = _level_candidates(ranked, thresh, topk_candidates, level_passing)
-        score = top if logit_thresh is None else cls_loss.predict_scores(top)
-        # Row-major (anchor, class) order within an image, as Detectron2 enumerates candidates.
-        anchor = torch.div(index, num_classes, rounding_mode="floor") + first_anchor
-        candidates.append((image, anchor, index % num_classes, score, image * num_levels + level))
-        first_anchor += logits[level].shape[1]
-    image, anchor, classes, scores, segment = (torch.cat(x) for x in zip(*candidates))
+    candidates = None
+    if not torch.compiler.is_exporting():
+        candidates = _passing_pairs(ranked_levels, thresh, topk_candidates)
+    if candidates is None:
+        candidates = _top_k_pairs(ranked_levels, thresh, topk_candidates)
+    image, level, index, top = candidates
+    scores = top if logit_thresh is None else cls_loss.predict_scores(top)
+    # Pairs are numbered row-major, (anchor, class), over the levels in order, as Detectron2
+    # enumerates candidates: a pair's anchor indexes the concatenated anchors.
+    anchor = torch.div(index, num_classes, rounding_mode="floor")
+    classes = index % num_classes
+    segment = image * num_levels + level
 
     # The logit threshold lets through a margin of candidates whose score is not above the
     # threshold: they rank last and are dropped.
@@ -105,62 +103,100 @@ def dense_detections(
     )
 
     # One per-class NMS for all images: the groups are (image, class) pairs.
-    keep = _batched_nms(boxes, scores, image * num_classes + classes, nms_thresh)
-    keep = keep[_top_k_per_segment(image[keep], scores[keep], max_detections_per_image, num_images)]
+    groups = image * num_classes + classes
+    if num_images == 1:
+        keep = _capped_nms(boxes, scores, groups, nms_thresh, max_detections_per_image)
+    else:
+        keep = _batched_nms(boxes, scores, groups, nms_thresh)
+        keep = keep[
+            _top_k_per_segment(image[keep], scores[keep], max_detections_per_image, num_images)
+        ]
     return boxes[keep], scores[keep], classes[keep], image[keep]
 
 
-def _level_candidates(
-    ranked: Tensor, thresh: float, k: int, passing: Optional[Tuple[Tensor, int]]
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _passing_pairs(
+    ranked_levels: List[Tensor], thresh: float, k: int
+) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """
-    Detectron2's candidates of one level: the top-k of each image's (anchor, class) pairs
-    above the threshold, as (image, pair index, value) in no particular order.
-
-    Args:
-        ranked: (N, P) values of the P pairs of each image (scores or logits).
-        thresh: the threshold on the same scale.
-        k: the top-k.
-        passing: in eager mode, ``ranked > thresh`` and its number of True values; None when
-            exporting.
+    Eager: Detectron2's candidates, the top-k of each level's and image's pairs above the
+    threshold, as (image, level, pair index, value), the pairs of all levels numbered in
+    order, when few pass (a trained model; up to tens of thousands at 800 px): one comparison
+    and one gather for all levels, a selection only where a level of an image has more than k.
+    None when many pass (an untrained model: millions), so that they are not all sorted.
     """
-    num_images = ranked.shape[0]
-    # Eager, a data-dependent choice: when few pairs pass (a trained model; up to tens of
-    # thousands at 800 px), Detectron2's way, the top-k of the pairs that pass, reads the level
-    # once.
-    if passing is not None and passing[1] <= _MAX_PASSING_PER_TOPK * k * num_images:
-        above, num_passing = passing
-        image, index = above.nonzero(as_tuple=True)
-        values = ranked[image, index]
-        if num_passing <= k:  # no image has more than k
-            return image, index, values
-        keep = _top_k_per_image(image, values, k, num_images)
-        return image[keep], index[keep], values[keep]
-    # The top-k of the pairs above the threshold is the top-k of all pairs that are above it:
-    # one batched selection, however many pass (an untrained model: millions), traceable.
-    top, index = ranked.topk(torch.sym_min(k, ranked.shape[1]), dim=1)
-    image = torch.arange(num_images, device=top.device)[:, None].expand_as(index)
-    above = top > thresh
-    return image[above], index[above], top[above]
+    num_images, num_levels = ranked_levels[0].shape[0], len(ranked_levels)
+    ranked = torch.cat(ranked_levels, dim=1)
+    above = ranked > thresh
+    if int(above.count_nonzero()) > _MAX_PASSING_PER_TOPK * k * num_images * num_levels:
+        return None
+    image, index = above.nonzero(as_tuple=True)
+    level_ends = torch.tensor([x.shape[1] for x in ranked_levels], device=index.device).cumsum(0)
+    level = torch.bucketize(index, level_ends, right=True)
+    values = ranked[image, index]
+    if len(values) > k:
+        # By image and pair index, the pairs of each (image, level) are contiguous.
+        counts = torch.bincount(image * num_levels + level, minlength=num_images * num_levels)
+        parts, start = [], 0
+        for count in counts.tolist():
+            if count > k:
+                parts.append(values[start : start + count].topk(k).indices + start)
+            else:
+                parts.append(torch.arange(start, start + count, device=values.device))
+            start += count
+        keep = torch.cat(parts)
+        image, level, index, values = image[keep], level[keep], index[keep], values[keep]
+    return image, level, index, values
 
 
-# Above this many passing pairs per top-k, selecting among all pairs is cheaper than sorting
-# the passing ones.
+# Above this many passing pairs per top-k (of a level and image), selecting among all pairs is
+# cheaper than sorting the passing ones.
 _MAX_PASSING_PER_TOPK = 64
 
 
-def _top_k_per_image(image: Tensor, values: Tensor, k: int, num_images: int) -> Tensor:
-    """Indices of the k highest ``values`` of each image (eager: data-dependent shapes)."""
-    counts = torch.bincount(image, minlength=num_images)
-    if int(counts.max()) <= k:  # minlength: never empty
-        return torch.arange(len(values), device=values.device)
-    if num_images == 1:
-        return values.topk(k).indices
-    # By image, then by descending value: two stable sorts.
-    order = values.sort(descending=True, stable=True).indices
-    order = order[image[order].sort(stable=True).indices]
-    rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[image[order]]
-    return order[rank < k]
+def _top_k_pairs(ranked_levels: List[Tensor], thresh: float, k: int) -> Tuple[Tensor, ...]:
+    """
+    Detectron2's candidates, the top-k of each level's and image's pairs above the threshold,
+    as in :func:`_passing_pairs`: the top-k of the pairs above the threshold is the top-k of
+    all pairs that are above it, one batched selection per level however many pass, traceable.
+    """
+    candidates, first_pair = [], 0
+    for level, ranked in enumerate(ranked_levels):
+        num_images, num_pairs = ranked.shape
+        top, index = ranked.topk(torch.sym_min(k, num_pairs), dim=1)
+        image = torch.arange(num_images, device=top.device)[:, None].expand_as(index)
+        above = top > thresh
+        image = image[above]
+        candidates.append(
+            (image, torch.full_like(image, level), index[above] + first_pair, top[above])
+        )
+        first_pair += num_pairs
+    return tuple(torch.cat(x) for x in zip(*candidates))
+
+
+def _capped_nms(
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float, cap: int
+) -> Tensor:
+    """
+    The first ``cap`` boxes that :func:`_batched_nms` keeps (by descending score), Detectron2's
+    per-image cap. Greedy NMS keeps a box unless a kept box of higher score overlaps it, so the
+    NMS of the highest-scored candidates keeps exactly the boxes that the NMS of all keeps
+    among them: in eager mode, when more than ``_NMS_FIRST_PER_CAP * cap`` candidates remain,
+    that many go first (with every box tied with the last), and the others are needed only
+    when these keep fewer than ``cap`` (a crowded image keeps more; a trained model on a sparse
+    one suppresses most).
+    """
+    num_first = _NMS_FIRST_PER_CAP * cap
+    if not torch.compiler.is_exporting() and 0 < num_first < len(scores):
+        lowest = scores.topk(num_first).values[-1]
+        first = (scores >= lowest).nonzero()[:, 0]  # in the candidates' order
+        keep = _batched_nms(boxes[first], scores[first], groups[first], iou_thresh)
+        if len(keep) >= cap:
+            return first[keep[:cap]]
+    return _batched_nms(boxes, scores, groups, iou_thresh)[:cap]
+
+
+# The candidates of the first NMS of _capped_nms, per detection of the cap.
+_NMS_FIRST_PER_CAP = 2
 
 
 def _batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float) -> Tensor:
