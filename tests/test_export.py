@@ -116,11 +116,10 @@ def exported(tiny_checkpoint, tiny_coco, tmp_path_factory):
     model = load_model(cfg)
     images = varied_images(tiny_coco)
     recompute_batch_norm_statistics(model, images)
-    torch.save({"model": model.state_dict()}, out / "model_final.pth")
-    cfg = load_config(
-        str(tiny_checkpoint / "config.yaml"),
-        ["MODEL.WEIGHTS", str(out / "model_final.pth"), *TINY_MODEL_TEST],
-    )
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = str(out / "model_final.pth")
+    cfg.freeze()
+    torch.save({"model": model.state_dict()}, cfg.MODEL.WEIGHTS)
     program = export_program(model, images[1])
     save_program(program, str(out / "model.onnx"), "onnx")
     save_program(program, str(out / "model.pt2"), "torch_export")

@@ -12,8 +12,8 @@ with less work:
   space and only the candidates above it are scored; their scores are then compared to the
   score threshold itself, so the result equals scoring every anchor;
 - in eager mode, when few pairs pass the threshold (a trained model), the pairs that pass on
-  all levels are found at once, and the top-k of each level and image is one sort of them
-  for all levels and images; when many pass (an untrained model: millions), and in the
+  all levels are found at once, and a level's top-k is taken only where more than k of an
+  image pass; when many pass (an untrained model: millions), and in the
   exported graph, the top-k is one selection per level over the (anchor, class) pairs of all
   images, before the threshold (the same set), so that the number of candidates stays bounded;
 - the detection cap is one sort over the candidates of all images; for one image, in eager
