@@ -4,8 +4,9 @@ exported to ONNX in onnxruntime, side by side in one run, on the same weights.
 
     .venv/bin/python benchmarks/bench_inference.py [--settings demo r50] [--reps N]
 
-Settings: "demo", the demo model (``configs/demo.yaml``) at its test size (256 px), and "r50",
-R50-FPN (``configs/retinanet_R50_FPN.yaml``) at 800 px. Weights are random (identical in the
+Settings: "demo", the demo model (``configs/demo.yaml``) at 256 px (its test size until it
+became 288 px; the README's table is at 256 px), and "r50", R50-FPN
+(``configs/retinanet_R50_FPN.yaml``) at 800 px. Weights are random (identical in the
 three models), with the classifier bias set so that about 0.3% of the (anchor, class) pairs
 of the benchmark image score above ``TEST.SCORE_THRESH_TEST``: the post-processing sees
 thousands of candidates, as with a trained model on a busy image. The image is a resized
