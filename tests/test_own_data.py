@@ -305,6 +305,8 @@ ONE_ANCHOR = (
     "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
     "[[1.0]]",
 )
+# The hand-made IoUs hold for images resized to 256 px (the demo config jitters the size).
+TRAIN_AT_256 = ("INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256")
 
 
 def _box(cx, cy, w, h):
@@ -338,7 +340,13 @@ def _hand_made_coverage(*opts):
     ]
     _register("hand_made", records, ["thing"])
     cfg = _cfg(
-        "DATASETS.TRAIN", "('hand_made',)", "MODEL.RETINANET.NUM_CLASSES", "1", *ONE_ANCHOR, *opts
+        "DATASETS.TRAIN",
+        "('hand_made',)",
+        "MODEL.RETINANET.NUM_CLASSES",
+        "1",
+        *ONE_ANCHOR,
+        *TRAIN_AT_256,
+        *opts,
     )
     return anchor_coverage(cfg)
 
@@ -370,6 +378,21 @@ def test_anchor_coverage_of_boxes_with_known_ious():
         "MODEL.RETINANET.IOU_THRESHOLDS", "[0.4, 0.7]",
     )  # fmt: skip
     assert strict.shares() == (7, 3 / 7, 0.0, 4 / 7)
+
+
+def test_anchor_coverage_counts_each_training_size():
+    # At 512 px every box and anchor doubles (the anchors one level up) except where no anchor
+    # half the size exists: the 8 px box becomes the 16 px anchor, the 6 px one 144 / 256 of it.
+    report = _hand_made_coverage(
+        "INPUT.MIN_SIZE_TRAIN", "(256, 512)", "INPUT.MAX_SIZE_TRAIN", "512"
+    )
+    np.testing.assert_allclose(
+        np.sort(report.best_iou),
+        np.sort(
+            [1.0, 0.75, 0.6, 0.64, 0.25, 0.140625, 1.0] + [1.0, 0.75, 0.6, 0.64, 1.0, 0.5625, 1.0]
+        ),
+        rtol=1e-6,
+    )
 
 
 def test_grid_search_of_the_best_anchor_equals_all_anchors():
@@ -405,6 +428,7 @@ def test_anchor_coverage_command_writes_the_table_and_png(tmp_path, capsys):
             "MODEL.RETINANET.NUM_CLASSES",
             "1",
             *ONE_ANCHOR,
+            *TRAIN_AT_256,
         ]
     )
     printed = capsys.readouterr().out

@@ -142,7 +142,17 @@ def final_losses(output_dir):
 
 
 # Training of the 1 vs 2 process tests: GN, 4 iterations.
-TWO_PROCESS_OPTS = ("SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "0", *GN_MODEL)
+# One training size: with the demo's scale jitter each process would draw its images' sizes
+# from its own random stream, so 1 and 2 processes would train on differently resized images.
+ONE_TRAINING_SIZE = ("INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256")
+TWO_PROCESS_OPTS = (
+    "SOLVER.MAX_ITER",
+    "4",
+    "TEST.EVAL_PERIOD",
+    "0",
+    *GN_MODEL,
+    *ONE_TRAINING_SIZE,
+)
 
 
 @pytest.fixture(scope="module")
