@@ -76,6 +76,10 @@ SIZE_128 = (
     "128",
 )
 
+# One training size, 256 px: for tests whose expectations need every image at one known size
+# (the demo config jitters the training size, each process drawing its own).
+TRAIN_AT_256 = ("INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256")
+
 # A trained tiny checkpoint: 20 iterations of the demo model on 128 px images, evaluated at
 # iteration 10 and at the end.
 TINY_CHECKPOINT_OPTS = (

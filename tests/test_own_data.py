@@ -30,7 +30,7 @@ from focal_det2.modeling.losses import (
     softmax_focal_loss,
 )
 
-from helpers import REPO, SIZE_128, run_train_net, tiny_args
+from helpers import REPO, SIZE_128, TRAIN_AT_256, run_train_net, tiny_args
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 ALPHA_LOSSES = ["SigmoidFocalLoss", "BalancedCrossEntropyLoss", "FocalStarLoss", "SoftmaxFocalLoss"]
@@ -305,8 +305,6 @@ ONE_ANCHOR = (
     "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
     "[[1.0]]",
 )
-# The hand-made IoUs hold for images resized to 256 px (the demo config jitters the size).
-TRAIN_AT_256 = ("INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256")
 
 
 def _box(cx, cy, w, h):

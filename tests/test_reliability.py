@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import REPO, run_train_net, tiny_args
+from helpers import REPO, TRAIN_AT_256, run_train_net, tiny_args
 
 # Per-process GroupNorm instead of BatchNorm: BN statistics depend on the per-process batch,
 # GN does not, so 1 and 2 processes train the same function.
@@ -141,17 +141,15 @@ def final_losses(output_dir):
     return torch.tensor([record["loss_cls"], record["loss_box_reg"]])
 
 
-# Training of the 1 vs 2 process tests: GN, 4 iterations.
-# One training size: with the demo's scale jitter each process would draw its images' sizes
-# from its own random stream, so 1 and 2 processes would train on differently resized images.
-ONE_TRAINING_SIZE = ("INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256")
+# Training of the 1 vs 2 process tests: GN, 4 iterations, one training size (with the demo's
+# scale jitter each process would draw its own sizes).
 TWO_PROCESS_OPTS = (
     "SOLVER.MAX_ITER",
     "4",
     "TEST.EVAL_PERIOD",
     "0",
     *GN_MODEL,
-    *ONE_TRAINING_SIZE,
+    *TRAIN_AT_256,
 )
 
 
