@@ -15,5 +15,11 @@ setup(
         "Pillow",
         "scikit-learn",
         "scikit-image",
+        "faster-coco-eval",
+        "matplotlib",
+        "opencv-python-headless",
+        "tqdm",
     ],
+    # python -m focal_det2.export and focal_det2.export.OnnxPredictor
+    extras_require={"export": ["onnx", "onnxruntime", "onnxscript"]},
 )

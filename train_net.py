@@ -63,6 +63,7 @@ def setup(args):
 
 
 def main(args):
+    """Train, or with ``--eval-only`` evaluate, in one process of the job."""
     cfg = setup(args)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det2")
@@ -89,6 +90,7 @@ def main(args):
 
 
 def argument_parser():
+    """Detectron2's arguments and ``--register-coco``."""
     parser = default_argument_parser()
     add_register_coco_argument(parser)
     return parser

@@ -282,6 +282,7 @@ class OnnxPredictor:
 
 
 def argument_parser() -> argparse.ArgumentParser:
+    """The arguments of ``python -m focal_det2.export``."""
     parser = argparse.ArgumentParser(
         prog="python -m focal_det2.export", description=__doc__.split("\n\n")[0].strip()
     )
@@ -293,6 +294,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m focal_det2.export``: the exit status."""
     args = argument_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:

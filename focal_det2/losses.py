@@ -51,6 +51,7 @@ def focal_star_loss(
     reduction: str = "none",
     alpha: float = -1.0,
 ) -> Tensor:
+    """:func:`focal_det2.modeling.losses.focal_star_loss` with its earlier argument order."""
     return _losses.focal_star_loss(inputs, targets, alpha, gamma, beta, reduction)
 
 
@@ -62,6 +63,8 @@ def softmax_focal_loss(
     alpha: Optional[float] = None,
     reduction: str = "none",
 ) -> Tensor:
+    """:func:`focal_det2.modeling.losses.softmax_focal_loss` with its earlier argument order
+    (``alpha=None``: no weighting)."""
     return _losses.softmax_focal_loss(
         logits, labels, -1.0 if alpha is None else alpha, gamma, reduction
     )

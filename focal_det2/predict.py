@@ -236,6 +236,7 @@ def _predict_video(detector: Detector, path: str, out_path: str) -> List[Dict]:
 
 
 def argument_parser() -> argparse.ArgumentParser:
+    """The arguments of ``python -m focal_det2.predict``."""
     parser = argparse.ArgumentParser(
         prog="python -m focal_det2.predict",
         description="Draw and save the detections of a trained model on images and videos.",

@@ -24,26 +24,30 @@ COMPILED_SCORE_ATOL = 1e-4
 
 
 @pytest.mark.parametrize(
-    "capability, isa_cap, expected",
+    "capability, variable, isa_cap, expected",
     [
-        ("AVX512", None, True),
-        ("AVX512", "AVX2", False),
-        ("AVX512", "AVX512_CORE_BF16", True),
-        ("AVX2", None, False),
-        ("AVX2", "ALL", False),
-        ("DEFAULT", None, False),
+        ("AVX512", None, None, True),
+        ("AVX512", "ONEDNN_MAX_CPU_ISA", "AVX2", False),
+        ("AVX512", "DNNL_MAX_CPU_ISA", "AVX2", False),
+        ("AVX512", "ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", True),
+        ("AVX2", None, None, False),
+        ("AVX2", "ONEDNN_MAX_CPU_ISA", "ALL", False),
+        ("DEFAULT", None, None, False),
     ],
 )
-def test_auto_picks_channels_last_by_onednn_isa(monkeypatch, capability, isa_cap, expected):
+def test_auto_picks_channels_last_by_onednn_isa(
+    monkeypatch, capability, variable, isa_cap, expected
+):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    if isa_cap is None:
-        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    else:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    if variable is not None:
+        monkeypatch.setenv(variable, isa_cap)
     use, reason = choose_channels_last("auto", "cpu", training=True)
     assert use is expected
     assert capability in reason and ("with AVX-512" if expected else "without AVX-512") in reason
+    # The log names the cap that decided.
+    assert variable is None or f"{variable}={isa_cap}" in reason
     # NHWC forward kernels win on AVX2 as well (benchmarks/README.md).
     assert choose_channels_last("auto", "cpu", training=False)[0] is True
 

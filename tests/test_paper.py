@@ -176,6 +176,23 @@ def test_figure4_curves_and_bce_reference(sweep, tiny_coco, tmp_path, capsys):
         np.testing.assert_allclose(values[:, 1 + 4 * i], expected, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize(
+    "recipe", sorted(p.name for p in (REPO / "configs" / "paper").glob("*.yaml"))
+)
+def test_paper_recipes_train_as_the_paper_whatever_the_demo_adopts(recipe):
+    # The README's paper tables were measured so: one alpha, uniform sampling, one size.
+    cfg = load_config(str(REPO / "configs" / "paper" / recipe))
+    assert cfg.MODEL.FOCAL_RETINANET.CLASS_ALPHA == []
+    assert cfg.MODEL.FOCAL_RETINANET.CLASS_ALPHA_FROM_FREQUENCY == 0.0
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (256,)
+    assert (cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (
+        256,
+        256,
+        256,
+    )
+
+
 def test_cumulative_loss_curve_reads_sorted_partial_sums():
     losses = torch.tensor([4.0, 1.0, 3.0, 2.0])
     curve = cumulative_loss_curve(losses, np.array([0.0, 0.25, 0.5, 0.75, 1.0]))

@@ -200,6 +200,8 @@ def test_user_registered_loss_is_used():
         ("MODEL.RETINANET.PRIOR_PROB", 0.0, "(0, 1)"),
         ("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "Nope", "SigmoidFocalLoss"),
         ("MODEL.FOCAL_RETINANET.HEAD_NAME", "Nope", "FocalRetinaNetHead"),
+        # A head removed from the registry names its replacement.
+        ("MODEL.FOCAL_RETINANET.HEAD_NAME", "FocalRetinaNetGNHead", 'MODEL.RETINANET.NORM "GN"'),
         ("MODEL.FOCAL_RETINANET.OHEM.BATCH_SIZE_PER_IMAGE", 0, "> 0"),
         ("MODEL.FOCAL_RETINANET.OHEM.NMS_THRESH", 1.5, "(0, 1]"),
         ("MODEL.FOCAL_RETINANET.OHEM.FG_FRACTION", 0.0, "(0, 1], or -1"),

@@ -132,7 +132,16 @@ def test_non_finite_loss_stops_naming_iteration(tiny_coco, tmp_path):
         assert len(image["boxes"]) == len(boxes[image["image_id"]]) == len(image["classes"])
     # The backward of the non-finite loss ran: some gradients are non-finite.
     assert report["nonfinite_gradients_this_step"]
-    assert isinstance(report["nonfinite_parameters"], list)
+    # The weights it ran with are those of the last checkpoint (one after every step).
+    checkpoint = load_checkpoint(tmp_path / last)
+    assert checkpoint["iteration"] == iteration - 1
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    nonfinite_weights = [
+        name
+        for name, value in checkpoint["model"].items()
+        if not name.endswith(buffers) and not torch.isfinite(torch.as_tensor(value)).all()
+    ]
+    assert sorted(report["nonfinite_parameters"]) == sorted(nonfinite_weights)
 
 
 def final_losses(output_dir):

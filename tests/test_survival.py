@@ -324,4 +324,4 @@ def test_amp_trains_on_cuda(tiny_coco, tmp_path):
     result = run_train_net(*args, "SOLVER.AMP.ENABLED", "True")
     assert result.returncode == 0, result.stdout[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.json").open()]
-    assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in records)
+    assert records and all(torch.isfinite(torch.tensor(r["total_loss"])) for r in records)

@@ -7,7 +7,7 @@ Per-device speed choices of FocalRetinaNet: the memory format of its convolution
 import logging
 import os
 import time
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,8 +27,16 @@ def _onednn_has_avx512() -> bool:
     # uses below what the CPU has.
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return False
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    cap = (_onednn_isa_cap()[1] or "ALL").upper()
     return cap in ("ALL", "DEFAULT") or cap.startswith("AVX512") or cap.startswith("AVX10")
+
+
+def _onednn_isa_cap() -> Tuple[str, Optional[str]]:
+    # The variable that caps oneDNN's ISA, and its value (None when neither is set).
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if name in os.environ:
+            return name, os.environ[name]
+    return "ONEDNN_MAX_CPU_ISA", None
 
 
 def choose_channels_last(setting: str, device: str, *, training: bool) -> Tuple[bool, str]:
@@ -55,8 +63,8 @@ def choose_channels_last(setting: str, device: str, *, training: bool) -> Tuple[
         use = major >= 7
         return use, f"CUDA compute capability {major}.{minor} ({'>=' if use else '<'} 7.0)"
     isa = torch.backends.cpu.get_cpu_capability()
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    where = f"CPU capability {isa}" + (f", ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
+    variable, cap = _onednn_isa_cap()
+    where = f"CPU capability {isa}" + (f", {variable}={cap}" if cap else "")
     if not training:
         return True, f"{where}: oneDNN inference, faster in NHWC on AVX2 and AVX-512"
     use = _onednn_has_avx512()

@@ -55,6 +55,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m focal_det2.paper``: the exit status."""
     args = argument_parser().parse_args(argv)
     prog = f"focal_det2.paper {args.command}"
     if len(args.opts) % 2:
