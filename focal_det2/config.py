@@ -87,6 +87,11 @@ def add_focal_config(cfg: CN) -> None:
     # files before training, at the cost of reading every image once more.
     _C.DATASETS.VALIDATE_FULL_DECODE = False
 
+    # Group the training batches by orientation and by the resized short side (in 32 px steps)
+    # instead of by orientation alone (DATALOADER.ASPECT_RATIO_GROUPING): with several
+    # INPUT.MIN_SIZE_TRAIN a batch is then padded to its own size, not to the largest.
+    _C.DATALOADER.SIZE_GROUPING = False
+
     # COCOeval implementation of the COCO evaluation: "faster_coco_eval" (compiled, needs no
     # Detectron2 _C) or "pycocotools" (the official Python code); both give the same numbers.
     _C.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"

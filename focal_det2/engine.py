@@ -25,6 +25,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
+from .data import SizeGroupedDataset
 from .data.mapper import DECODE_FAILURES_KEY, FocalDatasetMapper
 from .evaluation import FocalCOCOEvaluator, check_coco_eval_backend
 from .file_io import atomic_open, atomic_write
@@ -339,8 +340,15 @@ class FocalTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """Detectron2's loader with :class:`FocalDatasetMapper`, its workers ignoring the stop
-        signals, its batches checked by :class:`_CheckedBatches`."""
-        loader = build_detection_train_loader(cfg, mapper=FocalDatasetMapper(cfg, is_train=True))
+        signals, its batches grouped by size with ``DATALOADER.SIZE_GROUPING`` and checked by
+        :class:`_CheckedBatches`."""
+        mapper = FocalDatasetMapper(cfg, is_train=True)
+        if cfg.DATALOADER.SIZE_GROUPING:
+            # Detectron2's grouping yields the batches of its loader of single samples.
+            grouped = build_detection_train_loader(cfg, mapper=mapper, aspect_ratio_grouping=True)
+            loader = SizeGroupedDataset(grouped.dataset, grouped.batch_size)
+        else:
+            loader = build_detection_train_loader(cfg, mapper=mapper)
         # A scheduler signals every process of a job (SLURM at preemption, a terminal's Ctrl-C):
         # a worker would die of SIGTERM, and its death end the trainer at once.
         torch_loader = loader.dataset if isinstance(loader, AspectRatioGroupedDataset) else loader

@@ -11,6 +11,7 @@ from .coco_checks import (
     validate_coco_dataset,
 )
 from .demo import ensure_demo_data, generate_demo_data, register_demo_datasets
+from .grouping import SizeGroupedDataset
 from .user_coco import add_register_coco_argument, register_coco_datasets
 from .validation import PREPARE_FILES_KEY, DatasetValidationError, validate_datasets
 
@@ -19,6 +20,7 @@ __all__ = [
     "DatasetValidationError",
     "PREPARE_FILES_KEY",
     "Problem",
+    "SizeGroupedDataset",
     "check_coco_dataset",
     "cleaned_coco_dict",
     "ensure_demo_data",
