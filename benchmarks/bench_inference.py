@@ -4,8 +4,8 @@ exported to ONNX in onnxruntime, side by side in one run, on the same weights.
 
     .venv/bin/python benchmarks/bench_inference.py [--settings demo r50] [--reps N]
 
-Settings: "demo", the demo model (``configs/demo.yaml``) at 256 px (its test size until it
-became 288 px; the README's table is at 256 px), and "r50", R50-FPN
+Settings: "demo", the demo model (``configs/demo.yaml``) at 256 px (the size of the README's
+Deploy table; the config tests at 288 px), and "r50", R50-FPN
 (``configs/retinanet_R50_FPN.yaml``) at 800 px. Weights are random (identical in the
 three models), with the classifier bias set so that about 0.3% of the (anchor, class) pairs
 of the benchmark image score above ``TEST.SCORE_THRESH_TEST``: the post-processing sees
@@ -44,8 +44,8 @@ SETTINGS = {
     "demo": ("configs/demo.yaml", 256),
     "r50": ("configs/retinanet_R50_FPN.yaml", 800),
 }
-# Repetitions by default: on a noisy 2-core VM single calls vary by 2x, and a demo repetition
-# takes 0.3 s where an R50 one takes 12 s.
+# Repetitions by default: a demo repetition is ~40x shorter than an R50 one, and short calls
+# vary more.
 DEFAULT_REPS = {"demo": 100, "r50": 20}
 MODELS = ("Detectron2 RetinaNet", "FocalRetinaNet eager", "FocalRetinaNet onnxruntime")
 CANDIDATE_SHARE = 0.003
