@@ -16,8 +16,14 @@ from helpers import REPO
 
 
 def sample(height, width, index):
-    # A mapped dict: the resized image; "width" and "height" are those of the original.
-    return {"image": torch.zeros(3, height, width), "height": 320, "width": 320, "index": index}
+    # A mapped dict: the resized image; "height" and "width" are the original's, here twice the
+    # resized ones (the orientation Detectron2's grouping reads).
+    return {
+        "image": torch.zeros(3, height, width),
+        "height": 2 * height,
+        "width": 2 * width,
+        "index": index,
+    }
 
 
 def test_size_group_is_orientation_and_padded_short_side():
@@ -47,10 +53,7 @@ def test_batches_hold_one_size_and_every_sample_once():
 def test_one_training_size_batches_as_detectron2():
     # One size, both orientations: Detectron2's aspect-ratio grouping, batch for batch.
     shapes = [(256, 384), (384, 256), (256, 384), (256, 384), (384, 256), (256, 341)] * 3
-    stream = [
-        {"image": torch.zeros(3, h, w), "height": h * 2, "width": w * 2, "index": i}
-        for i, (h, w) in enumerate(shapes)
-    ]
+    stream = [sample(h, w, i) for i, (h, w) in enumerate(shapes)]
     ours = [[s["index"] for s in b] for b in SizeGroupedDataset(stream, 2)]
     theirs = [[s["index"] for s in b] for b in AspectRatioGroupedDataset(stream, 2)]
     assert ours == theirs and len(ours) == 9

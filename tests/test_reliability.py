@@ -107,7 +107,7 @@ def test_non_finite_loss_stops_naming_iteration(tiny_coco, tmp_path):
     assert "NaN at iteration=" in result.stdout and "loss_cls" in result.stdout
     assert not (tmp_path / "model_final.pth").exists()
     last = (tmp_path / "last_checkpoint").read_text()
-    load_checkpoint(tmp_path / last)
+    checkpoint = load_checkpoint(tmp_path / last)
 
     # The post-mortem, named in the message.
     iteration = int(re.search(r"NaN at iteration=(\d+)", result.stdout).group(1))
@@ -133,7 +133,6 @@ def test_non_finite_loss_stops_naming_iteration(tiny_coco, tmp_path):
     # The backward of the non-finite loss ran: some gradients are non-finite.
     assert report["nonfinite_gradients_this_step"]
     # The weights it ran with are those of the last checkpoint (one after every step).
-    checkpoint = load_checkpoint(tmp_path / last)
     assert checkpoint["iteration"] == iteration - 1
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     nonfinite_weights = [
