@@ -55,6 +55,9 @@ def build_cfg(config: str, size: int):
     cfg = get_cfg()
     add_focal_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, config))
+    # Detectron2's RetinaNet scores classes by sigmoid only: the same weights in all three
+    # models need the paper's sigmoid classifier (the demo config trains a softmax one).
+    cfg.MODEL.FOCAL_RETINANET.CLS_LOSS_NAME = "SigmoidFocalLoss"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"
     cfg.INPUT.MIN_SIZE_TEST = size

@@ -5,16 +5,14 @@ import logging
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from focal_det2 import add_focal_config
 from focal_det2.modeling import _fused_focal_loss, acceleration
 from focal_det2.modeling.acceleration import choose_channels_last
 
-from helpers import REPO
+from helpers import demo_cfg
 
 # Compiled (inductor) and eager float32 convolutions sum in different orders; over the demo
 # model's layers that moves losses by ~1e-6 relative and boxes by ~1e-4 px at most.
@@ -60,11 +58,7 @@ def test_explicit_setting_wins(monkeypatch, setting, expected):
 
 
 def _cfg(*opts):
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
-    cfg.merge_from_list(["MODEL.RETINANET.NORM", "GN", "MODEL.RESNETS.NORM", "GN", *opts])
-    return cfg
+    return demo_cfg("MODEL.RETINANET.NORM", "GN", "MODEL.RESNETS.NORM", "GN", *opts)
 
 
 def _batch():

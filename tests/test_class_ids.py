@@ -2,30 +2,23 @@
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from focal_det2 import add_focal_config
 from focal_det2.modeling.losses import FOCAL_CLS_LOSS_REGISTRY
 
-from helpers import REPO
+from helpers import demo_cfg
 
 
 def _model(num_classes: int, loss_name: str, diagnostics_period: int):
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
-    cfg.merge_from_list(
-        [
-            "MODEL.RETINANET.NUM_CLASSES",
-            num_classes,
-            "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME",
-            loss_name,
-            "MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD",
-            diagnostics_period,
-        ]
+    cfg = demo_cfg(
+        "MODEL.RETINANET.NUM_CLASSES",
+        num_classes,
+        "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME",
+        loss_name,
+        "MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD",
+        diagnostics_period,
     )
     torch.manual_seed(0)
     return build_model(cfg).train()

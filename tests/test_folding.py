@@ -4,14 +4,11 @@ import copy
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
-from focal_det2 import add_focal_config
-
-from helpers import REPO
+from helpers import demo_cfg
 
 # Folded and unfolded float32 convolutions round differently: measured on this model, feature
 # maps differ by up to 3e-6 of their largest value, boxes by 3e-5 px, scores by 2e-7.
@@ -28,11 +25,9 @@ def _model(fold: bool, backbone_norm: str = "BN"):
     The demo model (BN or FrozenBN backbone, per-level BN head), its norms far from the
     identity.
     """
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
-    cfg.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS = fold
-    cfg.MODEL.RESNETS.NORM = backbone_norm
+    cfg = demo_cfg(
+        "MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS", fold, "MODEL.RESNETS.NORM", backbone_norm
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     g = torch.Generator().manual_seed(1)
@@ -172,10 +167,6 @@ def test_forward_hooks_see_the_models_own_modules():
 
 @pytest.mark.parametrize("opts", [["MODEL.RETINANET.NORM", "GN", "MODEL.RESNETS.NORM", "GN"]])
 def test_nothing_to_fold_keeps_the_modules(opts):
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
-    cfg.merge_from_list(opts)
-    model = build_model(cfg).eval()
+    model = build_model(demo_cfg(*opts)).eval()
     with torch.no_grad():
         assert model.inference_modules() == (model.backbone, model.head)

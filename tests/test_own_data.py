@@ -10,29 +10,29 @@ import math
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_anchor_generator, build_backbone, build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.events import EventStorage
 
-from focal_det2 import add_focal_config, check_config
+from focal_det2 import check_config
 from focal_det2.anchor_coverage import anchor_coverage, best_anchor_iou, best_grid_anchor_iou
 from focal_det2.anchor_coverage import main as anchor_coverage_main
+from focal_det2.config import load_config
 from focal_det2.data import register_coco_datasets
 from focal_det2.lint import ConfigLintError
 from focal_det2.modeling._fused_focal_loss import DISABLE_COMPILE_ENV
 from focal_det2.modeling.class_alpha import alpha_from_frequency
 from focal_det2.modeling.losses import (
+    SoftmaxFocalLoss,
     build_cls_loss,
     focal_star_loss,
     sigmoid_focal_loss_with_labels,
     softmax_focal_loss,
 )
 
-from helpers import REPO, SIZE_128, TRAIN_AT_256, run_train_net, tiny_args
+from helpers import DEMO_CONFIG, SIZE_128, TRAIN_AT_256, demo_cfg, run_train_net, tiny_args
 
-DEMO = str(REPO / "configs" / "demo.yaml")
 ALPHA_LOSSES = ["SigmoidFocalLoss", "BalancedCrossEntropyLoss", "FocalStarLoss", "SoftmaxFocalLoss"]
 
 
@@ -41,14 +41,6 @@ def _seed_and_eager_loss(monkeypatch):
     # The eager fused loss (here and in train_net.py runs): the compiled kernel has its tests.
     monkeypatch.setenv(DISABLE_COMPILE_ENV, "1")
     torch.manual_seed(0)
-
-
-def _cfg(*opts):
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(DEMO)
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def _register(name, records, thing_classes):
@@ -101,7 +93,7 @@ def test_alpha_from_frequency_formula():
 def test_each_loss_takes_the_per_class_alpha_of_the_config(name):
     class_alpha = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.25]
     loss = build_cls_loss(
-        _cfg(
+        demo_cfg(
             "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME",
             name,
             "MODEL.FOCAL_RETINANET.CLASS_ALPHA",
@@ -138,9 +130,9 @@ def test_each_loss_takes_the_per_class_alpha_of_the_config(name):
 
 @pytest.mark.parametrize("name", ALPHA_LOSSES)
 def test_equal_per_class_alphas_are_the_scalar_alpha(name):
-    scalar = build_cls_loss(_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", name))
+    scalar = build_cls_loss(demo_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", name))
     per_class = build_cls_loss(
-        _cfg(
+        demo_cfg(
             "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME",
             name,
             "MODEL.FOCAL_RETINANET.CLASS_ALPHA",
@@ -158,7 +150,7 @@ def test_class_alpha_from_frequency_counts_the_training_sets(caplog):
     _register("alpha_counts", records, ["cat", "dog", "owl", "yak"])
     DatasetCatalog.remove("alpha_counts")
     DatasetCatalog.register("alpha_counts", lambda: loads.append(1) or records)
-    cfg = _cfg(
+    cfg = demo_cfg(
         "DATASETS.TRAIN",
         "('alpha_counts',)",
         "MODEL.RETINANET.NUM_CLASSES",
@@ -178,7 +170,7 @@ def test_class_alpha_from_frequency_counts_the_training_sets(caplog):
 
 
 def test_model_without_its_training_sets_still_builds_with_the_scalar_alpha(caplog):
-    cfg = _cfg(
+    cfg = demo_cfg(
         "DATASETS.TRAIN",
         "('not_registered_here',)",
         "MODEL.FOCAL_RETINANET.CLASS_ALPHA_FROM_FREQUENCY",
@@ -187,7 +179,7 @@ def test_model_without_its_training_sets_still_builds_with_the_scalar_alpha(capl
     with caplog.at_level(logging.INFO, logger="focal_det2"):
         model = build_model(cfg)
     assert model.cls_loss.alpha == 0.25 and "no effect on inference" in caplog.text
-    reference = build_model(_cfg("MODEL.FOCAL_RETINANET.CLASS_ALPHA", [0.3] * 10))
+    reference = build_model(demo_cfg("MODEL.FOCAL_RETINANET.CLASS_ALPHA", [0.3] * 10))
     assert list(model.state_dict()) == list(reference.state_dict())
 
 
@@ -218,7 +210,7 @@ def test_model_without_its_training_sets_still_builds_with_the_scalar_alpha(capl
     ],
 )
 def test_bad_per_class_alpha_config_names_the_key(opts, message):
-    cfg = _cfg(*opts)
+    cfg = demo_cfg(*opts)
     with pytest.raises(ValueError, match=message):
         build_cls_loss(cfg)
     with pytest.raises(ConfigLintError, match=message):
@@ -235,11 +227,11 @@ def tiny_registered(tiny_coco):
 
 
 def test_lint_accepts_the_demo_config(tiny_registered):
-    assert check_config(_cfg("DATASETS.TRAIN", f"('{tiny_registered}',)")) == []
+    assert check_config(demo_cfg("DATASETS.TRAIN", f"('{tiny_registered}',)")) == []
 
 
 def test_lint_num_classes_of_the_data_and_ignored_keys(tiny_registered, caplog):
-    cfg = _cfg(
+    cfg = demo_cfg(
         "DATASETS.TRAIN",
         f"('{tiny_registered}',)",
         "MODEL.RETINANET.NUM_CLASSES",
@@ -274,11 +266,11 @@ def test_lint_num_classes_of_the_data_and_ignored_keys(tiny_registered, caplog):
 
 def test_lint_datasets_of_different_class_counts(tiny_registered):
     _register("three_classes", [], ["a", "b", "c"])
-    cfg = _cfg("DATASETS.TRAIN", f"('{tiny_registered}', 'three_classes')")
+    cfg = demo_cfg("DATASETS.TRAIN", f"('{tiny_registered}', 'three_classes')")
     with pytest.raises(ConfigLintError, match="'own_tiny_train': 10, 'three_classes': 3"):
         check_config(cfg)
     with pytest.raises(ConfigLintError, match="'nowhere', which is not a registered dataset"):
-        check_config(_cfg("DATASETS.TRAIN", "('nowhere',)"))
+        check_config(demo_cfg("DATASETS.TRAIN", "('nowhere',)"))
 
 
 def test_train_net_stops_on_the_num_classes_trap(tiny_coco, tmp_path):
@@ -337,7 +329,7 @@ def _hand_made_coverage(*opts):
         {"file_name": "c.jpg", "height": 256, "width": 256, "annotations": []},
     ]
     _register("hand_made", records, ["thing"])
-    cfg = _cfg(
+    cfg = demo_cfg(
         "DATASETS.TRAIN",
         "('hand_made',)",
         "MODEL.RETINANET.NUM_CLASSES",
@@ -394,7 +386,7 @@ def test_anchor_coverage_counts_each_training_size():
 
 
 def test_grid_search_of_the_best_anchor_equals_all_anchors():
-    cfg = _cfg("MODEL.ANCHOR_GENERATOR.OFFSET", "0.5")
+    cfg = demo_cfg("MODEL.ANCHOR_GENERATOR.OFFSET", "0.5")
     backbone = build_backbone(cfg)
     shapes = [backbone.output_shape()[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
     generator = build_anchor_generator(cfg, shapes)
@@ -418,7 +410,7 @@ def test_anchor_coverage_command_writes_the_table_and_png(tmp_path, capsys):
     anchor_coverage_main(
         [
             "--config-file",
-            DEMO,
+            str(DEMO_CONFIG),
             "--output",
             str(tmp_path),
             "DATASETS.TRAIN",
@@ -439,7 +431,7 @@ def test_anchor_coverage_command_writes_the_table_and_png(tmp_path, capsys):
 
 
 def test_negative_images_give_only_background_loss():
-    cfg = _cfg("MODEL.RETINANET.NUM_CLASSES", "10")
+    cfg = demo_cfg("MODEL.RETINANET.NUM_CLASSES", "10")
     model = build_model(cfg)
     model.train()
     batch = [
@@ -486,3 +478,36 @@ def test_training_keeps_negative_images_when_asked(tiny_coco, tmp_path):
     assert "anchor coverage of" in result.stdout
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert all(math.isfinite(m["loss_cls"]) for m in metrics if "loss_cls" in m)
+
+
+# ----- the demo's softmax classifier --------------------------------------------------------
+
+
+def test_demo_config_trains_the_softmax_focal_loss():
+    cfg = load_config(str(DEMO_CONFIG), ["MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD", "0"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    assert isinstance(model.cls_loss, SoftmaxFocalLoss)
+    # K + 1 logits per anchor: 10 digits and background.
+    assert model.head.cls_score.out_channels == 9 * 11
+    instances = Instances(
+        (128, 128),
+        gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0], [70.0, 64.0, 110.0, 120.0]])),
+        gt_classes=torch.tensor([8, 3]),
+    )
+    g = torch.Generator().manual_seed(0)
+    batch = [
+        {"image": torch.randint(0, 255, (3, 128, 128), generator=g), "instances": instances}
+        for _ in range(2)
+    ]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    cls_losses = []
+    with EventStorage():
+        for _ in range(30):
+            losses = model(batch)
+            cls_losses.append(losses["loss_cls"].item())
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+    assert all(math.isfinite(loss) for loss in cls_losses)
+    assert cls_losses[-1] < 0.5 * cls_losses[0], cls_losses

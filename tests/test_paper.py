@@ -23,13 +23,13 @@ from focal_det2.paper.__main__ import main
 from focal_det2.paper.figure4 import labelled_test_loader
 from focal_det2.paper.sweep import plot_sweep, write_table
 
-from helpers import REPO
+from helpers import PAPER_LOSS, REPO
 
 GAMMAS = ("0", "0.5", "1", "2")
 SMALL = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.MAX_ITER", "5",
     "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN",
-    "128", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+    "128", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128", *PAPER_LOSS,
 ]  # fmt: skip
 # One run trains normally, the other diverges at once: both must become rows.
 GRID = ["--set", "SOLVER.BASE_LR=0.02,1e30", "--set", "MODEL.RETINANET.FOCAL_LOSS_GAMMA=2.0"]
@@ -180,8 +180,13 @@ def test_figure4_curves_and_bce_reference(sweep, tiny_coco, tmp_path, capsys):
     "recipe", sorted(p.name for p in (REPO / "configs" / "paper").glob("*.yaml"))
 )
 def test_paper_recipes_train_as_the_paper_whatever_the_demo_adopts(recipe):
-    # The README's paper tables were measured so: one alpha, uniform sampling, one size.
+    # The README's paper tables were measured so: the paper's sigmoid losses (Table 1a's
+    # alpha-balanced CE is one), one alpha, uniform sampling, one size.
     cfg = load_config(str(REPO / "configs" / "paper" / recipe))
+    expected_loss = (
+        "BalancedCrossEntropyLoss" if recipe == "table1a_demo.yaml" else "SigmoidFocalLoss"
+    )
+    assert cfg.MODEL.FOCAL_RETINANET.CLS_LOSS_NAME == expected_loss
     assert cfg.MODEL.FOCAL_RETINANET.CLASS_ALPHA == []
     assert cfg.MODEL.FOCAL_RETINANET.CLASS_ALPHA_FROM_FREQUENCY == 0.0
     assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
@@ -223,7 +228,7 @@ def test_bad_input_names_the_key_and_starts_nothing(tmp_path):
              + ["--set", "MODEL.RETINANET.NO_SUCH_KEY=1,2"])  # fmt: skip
     assert not (tmp_path / "s").exists()
     with pytest.raises(SystemExit, match="MODEL.WEIGHTS"):
-        main(["figure4", "--config-file", config, "--output", str(tmp_path / "f")]
+        main(["figure4", "--config-file", config, "--output", str(tmp_path / "f"), *PAPER_LOSS]
              + ["MODEL.WEIGHTS", str(tmp_path / "missing.pth")])  # fmt: skip
     assert not (tmp_path / "f").exists()
     with pytest.raises(SystemExit, match="MODEL.RETINANET.PRIOR_PROB"):
@@ -237,5 +242,5 @@ def test_bad_input_names_the_key_and_starts_nothing(tmp_path):
         main(figure4 + ["MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SoftmaxFocalLoss"]
              + ["MODEL.WEIGHTS", str(weights)])  # fmt: skip
     with pytest.raises(SystemExit, match="MODEL.WEIGHTS: cannot load .*w.pth"):
-        main(figure4 + ["MODEL.WEIGHTS", str(weights)])
+        main(figure4 + [*PAPER_LOSS, "MODEL.WEIGHTS", str(weights)])
     assert not (tmp_path / "f").exists()

@@ -16,17 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
 from detectron2.data.datasets import load_coco_json
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from focal_det2 import add_focal_config
 from focal_det2.data import validate_coco_dataset
 from focal_det2.weights import WeightsError, load_initial_weights
 
-from helpers import REPO, SIZE_128, run_train_net, tiny_args
+from helpers import REPO, SIZE_128, demo_cfg, run_train_net, tiny_args
 
 # 128 px images (SIZE_128), training only.
 SMALL = (
@@ -218,14 +216,6 @@ def test_full_decode_validation_finds_truncated_image(tiny_coco, tmp_path):
     report = validate_coco_dataset(json_file, image_root, full_decode=True)
     assert report.counts == {"unreadable_image": 1}
     assert report.examples["unreadable_image"][0].file_name == names[0]
-
-
-def demo_cfg(*opts):
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return cfg
 
 
 def state_dict_file(path, model):

@@ -5,13 +5,10 @@ import re
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
-from focal_det2 import add_focal_config
-
-from helpers import REPO, SIZE_128, run_train_net, tiny_args
+from helpers import SIZE_128, demo_cfg, run_train_net, tiny_args
 
 COPYPASTE = re.compile(
     r"copypaste: ([\d.nan]+),([\d.nan]+),([\d.nan]+),([\d.nan]+),([\d.nan]+),([\d.nan]+)"
@@ -69,10 +66,7 @@ def test_training_learns_its_images(trained, tiny_coco, tmp_path):
     trained_ap = box_ap(log)
     assert trained_ap > AP_FLOOR, log[-3000:]
     # The same evaluation of the model at its initialisation.
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "demo.yaml"))
-    cfg.merge_from_list(list(LEARN_OPTS))
+    cfg = demo_cfg(*LEARN_OPTS)
     seed_all_rng(cfg.SEED)
     torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "untrained.pth")
     result = run_train_net(
