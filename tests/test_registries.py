@@ -15,6 +15,8 @@ import focal_det2
 from focal_det2 import FOCAL_CLS_LOSS_REGISTRY, FOCAL_HEAD_REGISTRY, build_cls_loss
 from focal_det2.modeling import ClassificationLoss, check_focal_config
 
+from helpers import demo_cfg
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 LOSS_NAMES = sorted(name for name, _ in FOCAL_CLS_LOSS_REGISTRY)
@@ -28,14 +30,12 @@ def load_cfg(path, *opts):
     return cfg
 
 
-def demo_cfg(*opts):
-    """The demo model with a GroupNorm head (batch statistics of tiny batches are noise)."""
-    return load_cfg(
-        CONFIG_DIR / "demo.yaml",
-        "MODEL.RETINANET.NORM",
-        "GN",
-        *opts,
-    )
+def gn_demo_cfg(*opts):
+    """
+    The demo model with the paper's loss and a GroupNorm head (batch statistics of tiny batches
+    are noise).
+    """
+    return demo_cfg("MODEL.RETINANET.NORM", "GN", *opts)
 
 
 def tiny_batch():
@@ -98,7 +98,7 @@ def test_every_config_merges_and_validates(path):
 @pytest.mark.parametrize("loss_name", LOSS_NAMES)
 def test_each_loss_trains_with_finite_decreasing_loss(loss_name):
     torch.manual_seed(0)
-    cfg = demo_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", loss_name)
+    cfg = gn_demo_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", loss_name)
     model = build_model(cfg)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
@@ -136,7 +136,7 @@ def test_each_loss_trains_with_finite_decreasing_loss(loss_name):
 
 @pytest.mark.parametrize("prior, bias", [(0.01, -math.log(99)), (0.5, 0.0), (0.2, -math.log(4))])
 def test_prior_probability_sets_classifier_bias(prior, bias):
-    model = build_model(demo_cfg("MODEL.RETINANET.PRIOR_PROB", prior))
+    model = build_model(gn_demo_cfg("MODEL.RETINANET.PRIOR_PROB", prior))
     torch.testing.assert_close(model.head.cls_score.bias, torch.full((90,), bias))
 
 
@@ -147,7 +147,7 @@ def test_initial_scores_are_the_prior_for_every_loss(loss_name, prior):
     # the bias. Sigmoid losses: each class pi; softmax: foreground pi in all, pi / K per class.
     torch.manual_seed(0)
     model = build_model(
-        demo_cfg(
+        gn_demo_cfg(
             "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", loss_name, "MODEL.RETINANET.PRIOR_PROB", prior
         )
     )
@@ -165,9 +165,9 @@ def test_initial_scores_are_the_prior_for_every_loss(loss_name, prior):
 
 
 def test_softmax_loss_has_a_background_logit_and_gn_head_has_group_norm():
-    model = build_model(demo_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SoftmaxFocalLoss"))
+    model = build_model(gn_demo_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SoftmaxFocalLoss"))
     assert model.head.cls_score.out_channels == 9 * 11
-    model = build_model(demo_cfg("MODEL.RETINANET.NORM", "GN"))
+    model = build_model(gn_demo_cfg("MODEL.RETINANET.NORM", "GN"))
     assert isinstance(model.head.cls_subnet[1], torch.nn.GroupNorm)
 
 
@@ -181,7 +181,7 @@ def test_user_registered_loss_is_used():
             return logits.pow(2).sum(dim=1)
 
     try:
-        model = build_model(demo_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SquaredLogitLoss"))
+        model = build_model(gn_demo_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SquaredLogitLoss"))
         assert isinstance(model.cls_loss, SquaredLogitLoss)
         model.train()
         with EventStorage(0):
@@ -209,14 +209,14 @@ def test_user_registered_loss_is_used():
     ],
 )
 def test_invalid_config_raises_naming_key_and_allowed_values(key, value, allowed):
-    cfg = demo_cfg(key, value)
+    cfg = gn_demo_cfg(key, value)
     with pytest.raises(ValueError) as error:
         build_model(cfg)
     assert key in str(error.value) and allowed in str(error.value)
 
 
 def test_focal_star_needs_positive_gamma():
-    cfg = demo_cfg(
+    cfg = gn_demo_cfg(
         "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME",
         "FocalStarLoss",
         "MODEL.RETINANET.FOCAL_LOSS_GAMMA",
