@@ -23,7 +23,7 @@ from focal_det2.paper.__main__ import main
 from focal_det2.paper.figure4 import labelled_test_loader
 from focal_det2.paper.sweep import plot_sweep, write_table
 
-from helpers import PAPER_LOSS, REPO
+from helpers import PAPER_LOSS, REPO, tiny_register_args
 
 GAMMAS = ("0", "0.5", "1", "2")
 SMALL = [
@@ -36,13 +36,6 @@ GRID = ["--set", "SOLVER.BASE_LR=0.02,1e30", "--set", "MODEL.RETINANET.FOCAL_LOS
 RUNS = ("base_lr_0.02__focal_loss_gamma_2.0", "base_lr_1e30__focal_loss_gamma_2.0")
 
 
-def datasets(tiny_coco):
-    return [
-        "--register-coco", "tiny_train", *tiny_coco["train"],
-        "--register-coco", "tiny_val", *tiny_coco["val"],
-    ]  # fmt: skip
-
-
 def dataset_opts():
     return ["DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)"]
 
@@ -51,7 +44,7 @@ def sweep_argv(tiny_coco, output):
     return (
         ["sweep", "--config-file", str(REPO / "configs" / "demo.yaml"), "--output", str(output)]
         + GRID
-        + datasets(tiny_coco)
+        + tiny_register_args(tiny_coco)
         + dataset_opts()
         + SMALL
     )
@@ -137,7 +130,7 @@ def test_figure4_curves_and_bce_reference(sweep, tiny_coco, tmp_path, capsys):
     weights = str(output / RUNS[0] / "model_final.pth")
     opts = dataset_opts() + SMALL + ["MODEL.WEIGHTS", weights]
     argv = ["figure4", "--config-file", str(REPO / "configs" / "demo.yaml")]
-    assert main(argv + ["--output", str(tmp_path)] + datasets(tiny_coco) + opts) == 0
+    assert main(argv + ["--output", str(tmp_path)] + tiny_register_args(tiny_coco) + opts) == 0
     printed = capsys.readouterr().out
     for gamma in GAMMAS:
         assert f"gamma {gamma}: the hardest 20% of negatives carry" in printed
