@@ -67,7 +67,7 @@ def load_initial_weights(
     Raises:
         WeightsError: naming ``path`` and what is wrong: no file, unreadable or truncated file,
             not a checkpoint, weights of other shapes (a classifier of another number of classes
-            says so), or no weight of the model in the file.
+            or of another loss says so), or no weight of the model in the file.
     """
     if not path:
         return {}
@@ -124,7 +124,11 @@ class _CheckingCheckpointer(DetectionCheckpointer):
             ]
             problem = "shapes differ: " + _listed(shapes)
             if any(_CLASSIFIER_KEY in key for key, _, _ in incompatible.incorrect_shapes):
-                hint = "set MODEL.RETINANET.NUM_CLASSES to the file's"
+                hint = (
+                    "set MODEL.RETINANET.NUM_CLASSES to the file's, or"
+                    " MODEL.FOCAL_RETINANET.CLS_LOSS_NAME to the loss it was trained with"
+                    " (SoftmaxFocalLoss has one more logit per anchor, for background)"
+                )
                 if not self.strict:
                     hint += (
                         ", or MODEL.FOCAL_RETINANET.WEIGHTS_DROP_CLASSIFIER True to fine-tune it"

@@ -225,7 +225,10 @@ def state_dict_file(path, model):
 
 @pytest.fixture(scope="module")
 def weights_files(tmp_path_factory):
-    """Weights files: good, truncated, not a checkpoint, another architecture, 3 classes."""
+    """
+    Weights files: good, truncated, not a checkpoint, another architecture, 3 classes, the
+    softmax classifier.
+    """
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
     good = state_dict_file(folder / "good.pth", build_model(demo_cfg()))
@@ -240,6 +243,10 @@ def weights_files(tmp_path_factory):
         "resnet": state_dict_file(folder / "resnet.pth", torchvision.models.resnet18()),
         "three_classes": state_dict_file(
             folder / "three.pth", build_model(demo_cfg("MODEL.RETINANET.NUM_CLASSES", 3))
+        ),
+        "softmax": state_dict_file(
+            folder / "softmax.pth",
+            build_model(demo_cfg("MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SoftmaxFocalLoss")),
         ),
         "missing": str(folder / "missing.pth"),
     }
@@ -264,6 +271,15 @@ def test_bad_initial_weights_are_refused(weights_files, case, message):
     if case == "three_classes":
         assert "head.cls_score.weight (27, 64, 3, 3) in the file" in str(error.value)
         assert "MODEL.FOCAL_RETINANET.WEIGHTS_DROP_CLASSIFIER True" in str(error.value)
+
+
+def test_weights_of_the_other_classifier_loss_name_the_loss_key(weights_files):
+    # The demo trains SoftmaxFocalLoss (10 digits + background); its checkpoint does not fit
+    # a model of the paper's sigmoid loss (10 logits per anchor): 99 against 90 channels.
+    with pytest.raises(WeightsError) as error:
+        load_initial_weights(build_model(demo_cfg()), weights_files["softmax"])
+    assert "head.cls_score.weight (99, 64, 3, 3) in the file, (90, 64, 3, 3)" in str(error.value)
+    assert "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME to the loss it was trained with" in str(error.value)
 
 
 def test_classifier_dropped_on_request(weights_files):
