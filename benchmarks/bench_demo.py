@@ -16,7 +16,6 @@ children ("native": unset). Evaluation (about 30 s at the end of both recipes) i
 
 import argparse
 import datetime
-import os
 import re
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import torch
 
 from focal_det2.config import load_config
 
-from common import load, machine
+from common import isa_environment, load, machine
 
 REFERENCE = [
     "MODEL.FOCAL_RETINANET.CLS_LOSS_NAME", "SigmoidFocalLoss",
@@ -65,10 +64,6 @@ def seconds_per_iteration(opts: List[str], iters: int, env: Dict[str, str]) -> f
         return float(found.group(2))
 
 
-def max_iter(opts: List[str]) -> int:
-    return load_config(CONFIG, opts).SOLVER.MAX_ITER
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--iters", type=int, default=100, help="iterations per recipe and round")
@@ -79,6 +74,10 @@ def main() -> None:
 
     today = "configs/demo.yaml" + (" with the overrides" if args.opts else "")
     recipes = {"issue 11's demo (c48857b, channels-last)": REFERENCE, today: args.opts}
+    try:  # a wrong override fails here, before any training
+        iterations = {name: load_config(CONFIG, o).SOLVER.MAX_ITER for name, o in recipes.items()}
+    except ValueError as e:
+        sys.exit(f"bench_demo.py: {e}")
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"Machine: {machine('cpu')}; load before: {load()}")
     print(
@@ -91,22 +90,18 @@ def main() -> None:
     )
     print("|--|--|--|--|--|--|")
     for isa in args.isa.split(","):
-        env = dict(os.environ)
-        env.pop("ONEDNN_MAX_CPU_ISA", None)
-        if isa != "native":
-            env["ONEDNN_MAX_CPU_ISA"] = isa
+        env = isa_environment(isa)
         speeds: Dict[str, List[float]] = {name: [] for name in recipes}
         for _ in range(args.rounds):
             for name, opts in recipes.items():
                 speeds[name].append(seconds_per_iteration(opts, args.iters, env))
-        reference = None
-        for name, opts in recipes.items():
-            total = max_iter(opts) * statistics.median(speeds[name])
-            reference = reference or total
+        totals = {name: iterations[name] * statistics.median(speeds[name]) for name in recipes}
+        reference = totals[next(iter(recipes))]
+        for name in recipes:
             per_round = ", ".join(f"{s:.3f}" for s in speeds[name])
             print(
-                f"| {isa} | {name} | {max_iter(opts)} | {per_round} | "
-                f"{total / 60:.1f} min | {total / reference:.2f}x |"
+                f"| {isa} | {name} | {iterations[name]} | {per_round} | "
+                f"{totals[name] / 60:.1f} min | {totals[name] / reference:.2f}x |"
             )
     print(f"load after: {load()}; torch threads: {torch.get_num_threads()}")
 

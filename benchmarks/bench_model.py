@@ -27,7 +27,6 @@ AVX2-only one.
 import argparse
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from detectron2.utils.events import EventStorage
 from focal_det2 import add_focal_config
 from focal_det2.modeling.acceleration import choose_channels_last
 
-from common import load, machine, peak_bytes, sync
+from common import isa_environment, load, machine, peak_bytes, sync
 
 REFERENCE = "Detectron2 RetinaNet"
 
@@ -165,13 +164,11 @@ def measure(args) -> dict:
 
 
 def run_child(args, isa: str) -> dict:
-    env = dict(os.environ)
-    env.pop("ONEDNN_MAX_CPU_ISA", None)
-    if isa != "native":
-        env["ONEDNN_MAX_CPU_ISA"] = isa
     command = [sys.executable, __file__, "--child", "--device", args.device]
     command += ["--size", str(args.size), "--reps", str(args.reps), "--warmup", str(args.warmup)]
-    out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    out = subprocess.run(
+        command, env=isa_environment(isa), check=True, stdout=subprocess.PIPE, text=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -2,7 +2,7 @@
 
 import os
 import platform
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -60,6 +60,15 @@ def machine(device: str) -> str:
         f"device: {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""),
     ]
     return "; ".join(parts)
+
+
+def isa_environment(isa: str) -> Dict[str, str]:
+    """This process's environment for a child limited to oneDNN's ``isa`` ("native": no limit)."""
+    env = dict(os.environ)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if isa != "native":
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    return env
 
 
 def load() -> str:
