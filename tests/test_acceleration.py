@@ -6,9 +6,11 @@ import logging
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer as detectron2_build_optimizer
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from focal_det2.engine import FocalTrainer
 from focal_det2.modeling import _fused_focal_loss, acceleration
 from focal_det2.modeling.acceleration import choose_channels_last
 
@@ -222,3 +224,31 @@ def test_failing_backward_compile_falls_back_to_eager(monkeypatch, caplog, fresh
     reference(image).sum().backward()
     for ours, expected in zip(module.parameters(), reference.parameters()):
         torch.testing.assert_close(ours.grad, expected.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "clip_type, norm_type", [("norm", 2.0), ("norm", float("inf")), ("value", 2.0)]
+)
+def test_gradient_clipping_is_detectron2s(clip_type, norm_type):
+    cfg = demo_cfg("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip_type)
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = norm_type
+    ours = build_model(cfg)
+    theirs = copy.deepcopy(ours)
+    optimizers = FocalTrainer.build_optimizer(cfg, ours), detectron2_build_optimizer(cfg, theirs)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        sent = []
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            # The convolutions' gradient norms (2 and max) come out above CLIP_VALUE 10, most
+            # biases' below.
+            sent.append(torch.randn(p.shape, generator=generator) * 0.5)
+            if p.dim() > 1:
+                sent[-1].view(-1)[0] = 20.0
+            p.grad, q.grad = sent[-1].clone(), sent[-1].clone()
+        for optimizer in optimizers:
+            optimizer.step()
+        clipped = [not torch.equal(p.grad, g) for p, g in zip(ours.parameters(), sent)]
+        assert 0 < sum(clipped) < len(clipped)
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            assert torch.equal(p.grad, q.grad)
+            assert torch.equal(p, q)
