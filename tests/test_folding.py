@@ -1,4 +1,7 @@
-"""Inference with the batch norms folded into the convolutions (FOLD_BATCH_NORMS)."""
+"""
+Inference with the batch norms folded into the convolutions (FOLD_BATCH_NORMS) and the
+convolutions' weights packed for oneDNN (PACK_CONV_WEIGHTS).
+"""
 
 import copy
 
@@ -7,6 +10,8 @@ import torch
 from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
+
+from focal_det2.modeling.folding import _PackedConvolution
 
 from helpers import demo_cfg
 
@@ -20,13 +25,13 @@ SCORE_ATOL = 1e-5
 NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d, CycleBatchNormList)
 
 
-def _model(fold: bool, backbone_norm: str = "BN"):
+def _model(fold: bool, backbone_norm: str = "BN", *opts):
     """
     The demo model (BN or FrozenBN backbone, per-level BN head), its norms far from the
     identity.
     """
     cfg = demo_cfg(
-        "MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS", fold, "MODEL.RESNETS.NORM", backbone_norm
+        "MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS", fold, "MODEL.RESNETS.NORM", backbone_norm, *opts
     )
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -165,8 +170,63 @@ def test_forward_hooks_see_the_models_own_modules():
         assert model.inference_modules()[0] is not model.backbone
 
 
+def _packed_convolutions(module):
+    """The packing forwards of the module's convolutions, the head's per-level ones included."""
+    forwards = [m.forward for m in module.modules() if isinstance(m, nn.Conv2d)]
+    for m in module.modules():
+        forwards += getattr(m, "level_forwards", [])
+    return [f for f in forwards if isinstance(f, _PackedConvolution)]
+
+
+@pytest.mark.parametrize("channels_last", ["on", "off"])
+def test_packed_weights_give_the_same_detections(channels_last):
+    opts = ["MODEL.FOCAL_RETINANET.CHANNELS_LAST", channels_last]
+    packed = _model(True, "BN", *opts)
+    unpacked = _model(True, "BN", *opts, "MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS", False)
+    small = [{"image": x["image"][:, :128, :160]} for x in _images()]
+    with torch.no_grad():
+        # Each shape is packed at its second call: 3 calls of 2 sizes run both paths.
+        for images in (_images(), small, _images(), small, _images()):
+            ours, reference = packed(images), unpacked(images)
+            for x, y in zip(ours, reference, strict=True):
+                x, y = x["instances"], y["instances"]
+                assert len(x) == len(y) > 0
+                # The same oneDNN kernel: bit for bit.
+                assert torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor)
+                assert torch.equal(x.scores, y.scores)
+        copies = packed.inference_modules()
+    assert _packed_convolutions(unpacked.inference_modules()[0]) == []
+    convolutions = [c for m in copies for c in _packed_convolutions(m)]
+    # R18 + FPN + the head: every convolution, the head's per level.
+    assert len(convolutions) > 40
+    conv = copies[0].bottom_up.res3[0].conv1.forward
+    shapes_packed = [shape for shape, w in conv.packed.items() if w is not None]
+    # NCHW feature maps run eager PyTorch's convolution: nothing packed.
+    assert len(shapes_packed) == (2 if channels_last == "on" else 0)
+
+
+def test_packed_weights_are_kept_for_the_last_shapes():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    packed = _PackedConvolution(conv, conv.weight.detach(), conv.bias.detach())
+    sizes = [(5 + i, 7) for i in range(10)]
+    with torch.no_grad():
+        for calls in (sizes, sizes[-8:]):
+            for size in calls:
+                x = torch.randn(1, 4, *size).contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
+    # The last 8 shapes, each packed at its second call; the first 2 were dropped.
+    assert [tuple(s[-2:]) for s in packed.packed] == sizes[-8:]
+    assert all(w is not None for w in packed.packed.values())
+
+
 @pytest.mark.parametrize("opts", [["MODEL.RETINANET.NORM", "GN", "MODEL.RESNETS.NORM", "GN"]])
 def test_nothing_to_fold_keeps_the_modules(opts):
-    model = build_model(demo_cfg(*opts)).eval()
+    model = build_model(demo_cfg(*opts, "MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS", False)).eval()
     with torch.no_grad():
         assert model.inference_modules() == (model.backbone, model.head)
+        # Packing still makes copies: their convolutions are packed, their norms unchanged.
+        model.pack_conv_weights = True
+        model.eval()  # drops the copies
+        backbone, head = model.inference_modules()
+    assert _packed_convolutions(backbone) and _packed_convolutions(head)
+    assert any(isinstance(m, nn.GroupNorm) for m in backbone.modules())

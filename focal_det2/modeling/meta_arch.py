@@ -19,7 +19,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from .acceleration import CHANNELS_LAST_SETTINGS, choose_channels_last, compile_with_fallback
-from .folding import fold_batch_norms, state_signature
+from .folding import inference_copy, state_signature
 from .heads import FOCAL_HEAD_REGISTRY, build_focal_head
 from .losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
 from .postprocess import dense_detections
@@ -114,6 +114,7 @@ class FocalRetinaNet(RetinaNet):
         channels_last_inference: bool = False,
         compile: bool = False,
         fold_batch_norms: bool = True,
+        pack_conv_weights: bool = True,
         **kwargs,
     ):
         """
@@ -129,6 +130,8 @@ class FocalRetinaNet(RetinaNet):
             fold_batch_norms: in inference without gradients, run copies of the backbone and
                 the head with their batch norms folded into the convolutions (not with
                 ``compile``, which folds them itself).
+            pack_conv_weights: in those copies, on a CPU, give channels-last convolutions their
+                weights packed once for oneDNN (eager PyTorch packs them at every call).
             kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
         """
         super().__init__(**kwargs)
@@ -142,6 +145,7 @@ class FocalRetinaNet(RetinaNet):
             compile_with_fallback(self.backbone, "backbone")
             compile_with_fallback(self.head, "head")
         self.fold_batch_norms = fold_batch_norms and not compile
+        self.pack_conv_weights = pack_conv_weights
         # (state signature, backbone, head) of the last folding; not submodules: no state-dict
         # keys, and DDP and optimizers do not see them.
         self._folded: Optional[tuple] = None
@@ -167,6 +171,7 @@ class FocalRetinaNet(RetinaNet):
             **_channels_last(cfg),
             compile=cfg.MODEL.FOCAL_RETINANET.COMPILE,
             fold_batch_norms=cfg.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS,
+            pack_conv_weights=cfg.MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS,
         )
         return ret
 
@@ -191,7 +196,8 @@ class FocalRetinaNet(RetinaNet):
     def inference_modules(self) -> Tuple[nn.Module, nn.Module]:
         """
         The backbone and the head that inference runs now: copies with the batch norms folded
-        into the convolutions when ``fold_batch_norms`` applies, i.e. in eval mode, without
+        into the convolutions (and, with ``pack_conv_weights``, the convolutions' weights packed
+        for oneDNN) when ``fold_batch_norms`` applies, i.e. in eval mode, without
         gradients, in eager mode, without forward hooks on their modules; else
         ``self.backbone`` and ``self.head``. The copies are built at the first call after
         ``train()``/``eval()`` or a device or dtype change, and again whenever a parameter or
@@ -208,7 +214,9 @@ class FocalRetinaNet(RetinaNet):
         if signature is None:
             return self.backbone, self.head
         if self._folded is None or self._folded[0] != signature:
-            backbone, head = fold_batch_norms(self.backbone), fold_batch_norms(self.head)
+            backbone, head = (
+                inference_copy(m, self.pack_conv_weights) for m in (self.backbone, self.head)
+            )
             self._folded = (signature, backbone or self.backbone, head or self.head)
         return self._folded[1:]
 
