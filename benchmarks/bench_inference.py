@@ -13,8 +13,10 @@ thousands of candidates, as with a trained model on a busy image. The image is a
 embedded demo image, 3 x S x 1.33S (S the test size), given to each model as ``DefaultPredictor``
 gives it (float pixels for the eager models, uint8 for the ONNX graph).
 
-Per model: the median latency over the repetitions (order rotated, after warm-up), the
-speed-up over Detectron2 (median of the per-repetition ratios) and, for the eager models, the
+Per model: the median latency over the repetitions (in rounds of ``--block`` calls per model,
+each block after one untimed call, the models' order rotated per round, after warm-up), the
+speed-up over Detectron2 (median over the rounds of the ratio of the blocks' medians, which
+cancels the machine's drift) and, for the eager models, the
 share of the latency after the head (anchors, scoring, top-k, decoding, NMS, resizing the
 boxes), timed in a separate call split at the head. The ONNX graph runs as one call: its
 post-processing share is not measured.
@@ -120,7 +122,7 @@ def post_share(model, image: torch.Tensor, reps: int) -> float:
     return statistics.median(shares)
 
 
-def bench_setting(name: str, reps: int, warmup: int, workdir: str) -> List[str]:
+def bench_setting(name: str, reps: int, block: int, warmup: int, workdir: str) -> List[str]:
     config, size = SETTINGS[name]
     cfg = build_cfg(config, size)
     image = make_image(size)
@@ -148,12 +150,22 @@ def bench_setting(name: str, reps: int, warmup: int, workdir: str) -> List[str]:
     for _ in range(warmup):
         for run in runs.values():
             run()
+    # Blocks of `block` calls per model, the models' order rotated per round; the first call of
+    # a block, slowed by the previous model's thread pool still spinning (onnxruntime's threads
+    # spin after a call, competing with torch's for the cores), is not timed.
     times: Dict[str, List[float]] = {m: [] for m in MODELS}
-    for rep in range(reps):
-        for model_name in MODELS[rep % 3 :] + MODELS[: rep % 3]:
-            start = time.perf_counter()
+    rounds: Dict[str, List[float]] = {m: [] for m in MODELS}
+    for round_index in range(max(1, reps // block)):
+        shift = round_index % 3
+        for model_name in MODELS[shift:] + MODELS[:shift]:
             runs[model_name]()
-            times[model_name].append(time.perf_counter() - start)
+            block_times = []
+            for _ in range(block):
+                start = time.perf_counter()
+                runs[model_name]()
+                block_times.append(time.perf_counter() - start)
+            times[model_name].extend(block_times)
+            rounds[model_name].append(statistics.median(block_times))
     shares = {
         MODELS[0]: post_share(reference, image, max(3, reps // 2)),
         MODELS[1]: post_share(ours, image, max(3, reps // 2)),
@@ -167,7 +179,7 @@ def bench_setting(name: str, reps: int, warmup: int, workdir: str) -> List[str]:
     ]
     for model_name in MODELS:
         values = times[model_name]
-        ratio = statistics.median(r / v for r, v in zip(times[MODELS[0]], values))
+        ratio = statistics.median(r / v for r, v in zip(rounds[MODELS[0]], rounds[model_name]))
         share = f"{100 * shares[model_name]:.1f}%" if model_name in shares else "-"
         lines.append(
             f"| {model_name} | {1000 * statistics.median(values):.1f} | "
@@ -180,13 +192,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--reps", type=int, help="repetitions (default: demo 100, r50 20)")
+    parser.add_argument("--block", type=int, default=5, help="timed calls per model in a row")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
     reps = {s: args.reps or DEFAULT_REPS[s] for s in args.settings}
     load_before = load()
     with tempfile.TemporaryDirectory() as workdir:
-        tables = [bench_setting(s, reps[s], args.warmup, workdir) for s in args.settings]
+        tables = [
+            bench_setting(s, reps[s], args.block, args.warmup, workdir) for s in args.settings
+        ]
     import onnxruntime
 
     print("# CPU inference latency, batch 1")
@@ -197,8 +212,8 @@ def main() -> None:
     print(f"- onnxruntime {onnxruntime.__version__}, numpy {np.__version__}")
     print(f"- load average before: {load_before}; after: {load()}")
     print(
-        f"- repetitions: {', '.join(f'{s} {n}' for s, n in reps.items())}; order rotated, after "
-        f"{args.warmup} warm-up calls of each"
+        f"- repetitions: {', '.join(f'{s} {n}' for s, n in reps.items())}, in blocks of "
+        f"{args.block} per model, order rotated, after {args.warmup} warm-up calls of each"
     )
     print()
     for lines in tables:

@@ -32,8 +32,9 @@ def inference_copy(module: nn.Module, pack_weights: bool) -> Optional[nn.Module]
     Detectron2's ``Conv2d`` with a ``norm`` (the backbone's and FPN's convs) and, in
     ``nn.Sequential`` (the RetinaNet head's subnets), an ``nn.Conv2d`` followed by a batch norm
     or by Detectron2's per-level ``CycleBatchNormList``, whose levels then get one folded
-    convolution each, cycled the same way. Batch norms without running statistics, or in training mode, are left as they are;
-    subclasses of the convolutions are not folded (they may compute something else).
+    convolution each, cycled the same way. Batch norms without running statistics, or in
+    training mode, are left as they are; subclasses of the convolutions are not folded (they may
+    compute something else).
 
     The copy shares the other parameters and buffers with ``module``, holds the folded weights
     without gradients, and is only valid while ``module`` does not change (see
