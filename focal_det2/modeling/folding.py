@@ -201,12 +201,13 @@ class _PackedConvolution:
         return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
     def _packed_weight(self, shape: torch.Size) -> Optional[Tensor]:
-        if shape not in self.packed:
+        # One lookup: threads sharing the model may evict the shape meanwhile.
+        packed = self.packed.get(shape, _UNSEEN)
+        if packed is _UNSEEN:
             self.packed[shape] = None
             if len(self.packed) > _SHAPES_PER_CONVOLUTION:
                 self.packed.popitem(last=False)
             return None
-        packed = self.packed[shape]
         if packed is None:
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 self.weight.contiguous().to_mkldnn(), *self._conv_args(), list(shape)
@@ -217,6 +218,7 @@ class _PackedConvolution:
 
 # Input shapes remembered per convolution: more than the 5 feature levels a head runs on.
 _SHAPES_PER_CONVOLUTION = 8
+_UNSEEN = object()
 
 
 class _PerLevelConv(nn.Module):
