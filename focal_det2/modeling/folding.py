@@ -170,6 +170,7 @@ class _PackedConvolution:
 
     def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor]):
         self.conv, self.weight, self.bias = conv, weight, bias
+        self.conv_args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         # Input shape -> packed weight, or None when seen once; oldest first.
         self.packed: "OrderedDict[torch.Size, Optional[Tensor]]" = OrderedDict()
 
@@ -188,17 +189,13 @@ class _PackedConvolution:
             x = conv._conv_forward(x, self.weight, self.bias)
         else:
             x = torch.ops.mkldnn._convolution_pointwise(
-                x, packed, self.bias, *self._conv_args(), "none", [], ""
+                x, packed, self.bias, *self.conv_args, "none", [], ""
             )
         if getattr(conv, "norm", None) is not None:
             x = conv.norm(x)
         if getattr(conv, "activation", None) is not None:
             x = conv.activation(x)
         return x
-
-    def _conv_args(self) -> tuple:
-        conv = self.conv
-        return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
     def _packed_weight(self, shape: torch.Size) -> Optional[Tensor]:
         # One lookup: threads sharing the model may evict the shape meanwhile.
@@ -210,7 +207,7 @@ class _PackedConvolution:
             return None
         if packed is None:
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                self.weight.contiguous().to_mkldnn(), *self._conv_args(), list(shape)
+                self.weight.contiguous().to_mkldnn(), *self.conv_args, list(shape)
             )
             self.packed[shape] = packed
         return packed
