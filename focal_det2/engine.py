@@ -227,6 +227,18 @@ class _StopSignals:
                 signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """The stop signals held back from this thread, and from the processes it forks, until
+    the block ends (they arrive then) or, in a forked process, until it ignores them (they are
+    dropped)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _ignore_stop_signals(worker_init_fn: Optional[Callable[[int], Any]], worker_id: int) -> None:
     """A data-loader worker's init: the trainer alone decides when to stop."""
     for s in STOP_SIGNALS:
@@ -287,7 +299,11 @@ class _CheckedBatches:
     def __next__(self) -> List[Dict[str, Any]]:
         if self._batches is None:
             raise StopIteration
-        batch = next(self._batches)
+        # The workers start at the first batch. Between a worker's fork and its init, which
+        # ignores the stop signals, PyTorch's handler lets a stop signal kill it (and the
+        # trainer with it): blocked, the signal waits for the init, which drops it.
+        with _stop_signals_blocked():
+            batch = next(self._batches)
         failures = [f for d in batch for f in d.pop(DECODE_FAILURES_KEY, [])]
         (total,) = _reduce([len(failures)], dist.ReduceOp.SUM, self.device)
         storage = get_event_storage()

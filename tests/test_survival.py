@@ -1,6 +1,7 @@
 """Surviving a cluster: preemption, a full disk, images that fail to decode mid-run, bad weights,
 mixed precision."""
 
+import itertools
 import json
 import os
 import random
@@ -21,7 +22,9 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from focal_det2.data import validate_coco_dataset
+from focal_det2.config import load_config
+from focal_det2.data import register_coco_datasets, validate_coco_dataset
+from focal_det2.engine import FocalTrainer
 from focal_det2.weights import WeightsError, load_initial_weights
 
 from helpers import REPO, SIZE_128, demo_cfg, run_train_net, tiny_args
@@ -125,6 +128,26 @@ def test_sigterm_full_disk_and_resume_lose_no_iteration(tiny_coco, tmp_path):
     starts = re.findall(r"Starting training from iteration (\d+)", result.stdout)
     assert starts == [str(stopped + 1)]
     assert load_checkpoint(tmp_path / "model_final.pth")["iteration"] == stopped + 2
+
+
+def test_stop_signal_as_the_loader_workers_start_kills_none(tiny_coco):
+    register_coco_datasets([("survival_tiny_train", *tiny_coco["train"])])
+    cfg = load_config(
+        str(REPO / "configs" / "demo.yaml"),
+        ["DATASETS.TRAIN", "('survival_tiny_train',)", "DATALOADER.NUM_WORKERS", "2"],
+    )
+    loader = FocalTrainer.build_train_loader(cfg)
+    # SIGTERM to each worker the moment it is forked, before any of its init has run: the
+    # earliest a scheduler's SIGTERM to the whole job can reach it.
+    armed = [True]
+    os.register_at_fork(after_in_child=lambda: armed and os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        with EventStorage():
+            batches = list(itertools.islice(loader, 4))
+    finally:
+        armed.clear()
+        loader.close()
+    assert len(batches) == 4
 
 
 def child_pids(pid):
