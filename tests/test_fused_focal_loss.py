@@ -263,6 +263,25 @@ def test_extreme_logits_are_finite(dtype):
     torch.testing.assert_close(value[:, moderate].double(), ref, rtol=1e-5, atol=1e-30)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_of_far_negatives_have_no_subnormal_values(dtype):
+    # Background logits from -10 down to -50: the exact gradient, (1 - alpha) p^gamma (p -
+    # gamma (1 - p) log(1 - p)) ~ 3 (1 - alpha) p^3, crosses float32's smallest normal number
+    # near -29.
+    logits = torch.linspace(-10.0, -50.0, 401)[:, None]
+    labels = torch.ones(401, dtype=torch.long)
+    _, grad = _value_and_grad(sigmoid_focal_loss_with_labels, logits.to(dtype), labels)
+    _, exact = _value_and_grad(sigmoid_focal_loss_with_labels, logits.to(dtype).double(), labels)
+    tiny = torch.finfo(torch.float32).tiny
+    grad = grad.double()
+    assert not ((grad != 0) & (grad.abs() < tiny)).any()
+    assert (grad[exact.abs() < tiny / 2] == 0).all()
+    normal = exact.abs() > 2 * tiny
+    assert 150 < normal.sum() < 250
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: an 8-bit mantissa
+    torch.testing.assert_close(grad[normal], exact[normal], rtol=rtol, atol=0)
+
+
 def test_bad_arguments():
     logits, labels = _batch(10, 3, torch.float32, seed=8)
     with pytest.raises(ValueError, match="reduction"):

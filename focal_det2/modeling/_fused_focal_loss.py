@@ -268,8 +268,24 @@ class _SigmoidFocalLossWithLabels(torch.autograd.Function):
             # The saved gradient is never read again: scale it in place, which spares an (N, K)
             # allocation (and lets AccumulateGrad take it as .grad without a copy). A compiler
             # tracing this backward plans its buffers itself.
-            return grad.mul_(grad_output), None, None, None, None
-        return (grad_output * grad).to(grad.dtype), None, None, None, None
+            scaled = grad.mul_(grad_output)
+        else:
+            scaled = (grad_output * grad).to(grad.dtype)
+        return _flush_subnormals_(scaled), None, None, None, None
+
+
+def _flush_subnormals_(grad: Tensor) -> Tensor:
+    """
+    ``grad`` with its subnormal values set to 0, in place, on a CPU. The focal weight of a far
+    negative (at gamma 2, ~p^3: a logit below about -29 in float32) underflows to subnormal numbers, which some
+    CPUs handle in microcode: the backward of the classifier's convolution then ran 26x slower
+    on an Intel Xeon (R50-FPN training step 8.7 s instead of 3.3 s). Detectron2's loss gives 0
+    there (from 1 - p rounding to 1), and no float32 weight gradient can hold such a term.
+    GPUs take subnormals at full speed, and float16's (below 6e-5) still count: both kept.
+    """
+    if grad.device.type != "cpu" or grad.dtype == torch.float16:
+        return grad
+    return grad.masked_fill_(grad.abs() < torch.finfo(grad.dtype).tiny, 0.0)
 
 
 def _graph_is_freed_after_backward() -> bool:
