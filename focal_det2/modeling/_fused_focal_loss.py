@@ -276,11 +276,12 @@ class _SigmoidFocalLossWithLabels(torch.autograd.Function):
 
 def _flush_subnormals_(grad: Tensor) -> Tensor:
     """
-    ``grad`` with its subnormal values set to 0, in place, on a CPU. The focal weight of a far
-    negative (at gamma 2, ~p^3: a logit below about -29 in float32) underflows to subnormal numbers, which some
-    CPUs handle in microcode: the backward of the classifier's convolution then ran 26x slower
-    on an Intel Xeon (R50-FPN training step 8.7 s instead of 3.3 s). Detectron2's loss gives 0
-    there (from 1 - p rounding to 1), and no float32 weight gradient can hold such a term.
+    ``grad`` with its subnormal values set to 0, in place, on a CPU. The gradient of a far
+    negative (~p^3 at gamma 2: a logit below about -29 in float32) underflows to subnormal
+    numbers, which some CPUs handle in microcode: the backward of the classifier's convolution
+    then ran 26x slower on an Intel Xeon (R50-FPN training step 8.7 s instead of 3.3 s).
+    Detectron2's loss gives 0 there (from 1 - p rounding to 1), and no float32 weight gradient
+    can hold such a term.
     GPUs take subnormals at full speed, and float16's (below 6e-5) still count: both kept.
     """
     if grad.device.type != "cpu" or grad.dtype == torch.float16:
