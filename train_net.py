@@ -46,8 +46,15 @@ def setup(args):
         cfg = load_config(args.config_file, args.opts)
     except ValueError as e:
         sys.exit(f"train_net.py: {e}")
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        sys.exit("train_net.py: SOLVER.AMP.ENABLED needs CUDA (Detectron2's AMPTrainer)")
+    if cfg.SOLVER.AMP.ENABLED and not (
+        cfg.MODEL.DEVICE.startswith("cuda")
+        or (cfg.MODEL.DEVICE == "cpu" and cfg.MODEL.META_ARCHITECTURE == "FocalRetinaNet")
+    ):
+        sys.exit(
+            "train_net.py: SOLVER.AMP.ENABLED needs CUDA (Detectron2's AMPTrainer, float16) or "
+            "MODEL.DEVICE cpu with MODEL.META_ARCHITECTURE FocalRetinaNet (bfloat16), not "
+            f"MODEL.DEVICE {cfg.MODEL.DEVICE} with {cfg.MODEL.META_ARCHITECTURE}"
+        )
     # Before default_setup creates OUTPUT_DIR: with the "error" policy, a bad dataset leaves
     # nothing behind.
     try:

@@ -8,14 +8,15 @@ for each CPU instruction set asked for.
 The models are built from Detectron2's ``COCO-Detection/retinanet_R_50_FPN_1x.yaml`` (R50-FPN,
 80 classes): FocalRetinaNet with the plugin's defaults (``MODEL.FOCAL_RETINANET.CHANNELS_LAST
 "auto"``: the row names the formats it picked for training and inference), with each memory
-format forced, and compiled
-(``MODEL.FOCAL_RETINANET.COMPILE True``, default memory format); the weights are copied so that
-all compute the same function. Timed: a training step (forward + backward on 2 images of size x
-size with a few boxes each) and inference (forward in eval mode, post-processing included), one
-phase after the other. The repetitions rotate the order of the models; medians are reported,
-after untimed warm-up steps of the phase (the first call is reported apart: it includes the
-compilations, and the default model's change of memory format). The speed-up is the median
-over repetitions of the ratio of Detectron2's time to the model's in the same repetition, which
+format forced, compiled (``MODEL.FOCAL_RETINANET.COMPILE True``, default memory format), and on
+CPU with ``SOLVER.AMP.ENABLED`` (training forward in bfloat16 autocast, where oneDNN runs it in
+hardware; its inference is the default's, not timed again); the weights are copied so that all
+compute the same function. Timed: a training step (forward + backward on 2 images of size x size
+with a few boxes each) and inference (forward in eval mode, post-processing included), one phase
+after the other. The repetitions rotate the order of the models; medians are reported, after
+untimed warm-up steps of the phase (the first call is reported apart: it includes the
+compilations, and the default model's change of memory format). The speed-up is the median over
+repetitions of the ratio of Detectron2's time to the model's in the same repetition, which
 cancels the slow drifts of a shared machine. Peak memory: the growth of PyTorch's allocations
 during one extra step.
 
@@ -41,11 +42,13 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from focal_det2 import add_focal_config
-from focal_det2.modeling.acceleration import choose_channels_last
+from focal_det2.modeling.acceleration import choose_channels_last, cpu_bfloat16_support
 
 from common import isa_environment, load, machine, peak_bytes, sync
 
 REFERENCE = "Detectron2 RetinaNet"
+# Timed in training only: its inference is the default model's (float32).
+AMP = "FocalRetinaNet, SOLVER.AMP.ENABLED (bfloat16 autocast)"
 
 
 def build_models(device: str) -> Dict[str, torch.nn.Module]:
@@ -72,6 +75,10 @@ def build_models(device: str) -> Dict[str, torch.nn.Module]:
         "FocalRetinaNet, NCHW": ["MODEL.FOCAL_RETINANET.CHANNELS_LAST", "off"],
         "FocalRetinaNet, compiled": ["MODEL.FOCAL_RETINANET.COMPILE", True],
     }
+    if device == "cpu" and cpu_bfloat16_support()[0]:
+        # Without AMX or AVX512-BF16 in oneDNN, bfloat16 is slower than float32 (the log says
+        # so): minutes of a known loss, not timed.
+        variants[AMP] = ["SOLVER.AMP.ENABLED", True]
     for name, opts in variants.items():
         variant = cfg.clone()
         variant.merge_from_list(opts)
@@ -121,20 +128,21 @@ def measure(args) -> dict:
     """Times and peaks of every model in this process, as a JSON-able dict."""
     load_before = load()
     models = build_models(args.device)
-    names = list(models)
     batch = make_batch(args.size, args.device)
     phases = {"training step": train_step, "inference": inference}
+    timed_models = {p: [m for m in models if p == "training step" or m != AMP] for p in phases}
     first = {
         (p, m): timed(lambda: fn(models[m], batch), args.device)
         for p, fn in phases.items()
-        for m in names
+        for m in timed_models[p]
     }
-    times: Dict[tuple, List[float]] = {(p, m): [] for p in phases for m in names}
+    times: Dict[tuple, List[float]] = {(p, m): [] for p in phases for m in timed_models[p]}
     rows = []
     # One phase after the other, as a model trains for many steps between evaluations: a
     # model whose memory format differs by mode converts its parameters once per phase
     # change (in its first call), not in the timed calls or in the peak.
     for phase, fn in phases.items():
+        names = timed_models[phase]
         for _ in range(max(1, args.warmup - 1)):  # the first calls were the first warm-up
             for name in names:
                 fn(models[name], batch)

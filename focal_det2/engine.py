@@ -19,7 +19,7 @@ import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader
 from detectron2.data.common import AspectRatioGroupedDataset
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.engine import defaults as d2_defaults
 from detectron2.solver.build import _generate_optimizer_class_with_gradient_clipping
 from detectron2.utils import comm
@@ -177,23 +177,26 @@ class _LossNormalizerState:
 
 
 @contextlib.contextmanager
-def _ddp_for_device(device: str):
+def _detectron2_parts_for_device(device: str):
     """
     Detectron2's ``DefaultTrainer.__init__`` wraps the model with ``create_ddp_model(model,
     broadcast_buffers=False)``, whose default ``device_ids=[local_rank]`` PyTorch refuses for a
-    CPU model, and offers no hook for that call. For a CPU model, the function's name in
-    Detectron2's module is bound to one passing ``device_ids=None`` while the trainer is built,
-    and restored after.
+    CPU model, and steps with ``AMPTrainer`` when ``SOLVER.AMP.ENABLED``, which needs CUDA; it
+    offers no hook for either. For a CPU model, the names in Detectron2's module are bound while
+    the trainer is built to ``create_ddp_model`` passing ``device_ids=None`` and to
+    ``SimpleTrainer`` (the model autocasts its own forward, see ``FocalRetinaNet``), and
+    restored after.
     """
     if device.startswith("cuda"):
         yield
         return
-    original = d2_defaults.create_ddp_model
-    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    originals = d2_defaults.create_ddp_model, d2_defaults.AMPTrainer
+    d2_defaults.create_ddp_model = functools.partial(originals[0], device_ids=None)
+    d2_defaults.AMPTrainer = SimpleTrainer
     try:
         yield
     finally:
-        d2_defaults.create_ddp_model = original
+        d2_defaults.create_ddp_model, d2_defaults.AMPTrainer = originals
 
 
 def _reduce(values: List[float], op: dist.ReduceOp, device: str) -> List[float]:
@@ -367,7 +370,7 @@ class FocalTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        with _ddp_for_device(cfg.MODEL.DEVICE):
+        with _detectron2_parts_for_device(cfg.MODEL.DEVICE):
             super().__init__(cfg)
         self._signals = _StopSignals()
         # The data loader the trainer iterates: build_train_loader's _CheckedBatches.

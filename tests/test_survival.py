@@ -3,6 +3,7 @@ mixed precision."""
 
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -329,22 +330,44 @@ def test_train_net_refuses_bad_weights_in_one_line(tiny_coco, tmp_path, weights_
         assert "Traceback" not in result.stdout
 
 
-def test_amp_keeps_losses_in_float32(tiny_coco):
-    cfg = demo_cfg(*SMALL[:8], "MODEL.RETINANET.NUM_CLASSES", 10)
-    torch.manual_seed(0)
-    model = build_model(cfg)
+def test_amp_on_cpu_trains_in_bfloat16_with_float32_losses_and_gradients(tiny_coco):
+    models = {}
+    for amp in (False, True):
+        cfg = demo_cfg(*SMALL[:8], "MODEL.RETINANET.NUM_CLASSES", 10, "SOLVER.AMP.ENABLED", amp)
+        torch.manual_seed(0)
+        models[amp] = build_model(cfg)
     mapper = DatasetMapper(cfg, is_train=True)
     batch = [mapper(d) for d in load_coco_json(*tiny_coco["train"], "tiny_amp")[:2]]
+    head_dtypes = []
+    models[True].head.register_forward_hook(lambda m, i, out: head_dtypes.append(out[0][0].dtype))
+    losses = {}
     with EventStorage():
-        reference = model(batch)
-        del model.loss_normalizer  # the EMA moved: both passes start from its initial value
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = model(batch)
+        for amp, model in models.items():
+            losses[amp] = model(batch)
+            sum(losses[amp].values()).backward()
+    assert head_dtypes == [torch.bfloat16]
     for name in ("loss_cls", "loss_box_reg"):
-        assert mixed[name].dtype == torch.float32
+        assert losses[True][name].dtype == torch.float32
         # bfloat16 features (8-bit mantissa) through the whole network: percent-level agreement.
-        torch.testing.assert_close(mixed[name], reference[name], rtol=0.05, atol=0)
-    assert model.last_loss_stats["max_abs_logit"].dtype == torch.float32
+        torch.testing.assert_close(losses[True][name], losses[False][name], rtol=0.05, atol=0)
+    assert models[True].last_loss_stats["max_abs_logit"].dtype == torch.float32
+    assert all(p.grad.dtype == torch.float32 for p in models[True].parameters())
+
+
+def test_amp_on_cpu_trains_and_is_refused_for_detectron2_retinanet(tiny_coco, tmp_path):
+    args = small_args(tiny_coco, tmp_path, "SOLVER.MAX_ITER", "3", "SOLVER.AMP.ENABLED", "True")
+    result = run_train_net(*args)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "SOLVER.AMP.ENABLED: training forward in bfloat16 autocast" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.json").open()]
+    losses = {r["iteration"]: r["total_loss"] for r in records if "total_loss" in r}
+    assert 2 in losses and all(math.isfinite(v) for v in losses.values())
+
+    result = run_train_net(*args, "MODEL.META_ARCHITECTURE", "RetinaNet")
+    assert result.returncode == 1
+    assert "SOLVER.AMP.ENABLED needs CUDA" in result.stdout
+    assert "not MODEL.DEVICE cpu with RetinaNet" in result.stdout
+    assert "Traceback" not in result.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Detectron2's AMPTrainer needs CUDA")

@@ -1,7 +1,8 @@
 """
-Per-device speed choices of FocalRetinaNet: the memory format of its convolutions and
-``torch.compile`` of its dense parts. Neither changes the parameters, their state-dict keys or
-(beyond floating-point rounding) the results.
+Per-device speed choices of FocalRetinaNet: the memory format of its convolutions,
+``torch.compile`` of its dense parts, and whether a CPU runs bfloat16 training natively. None
+changes the parameters or their state-dict keys; the first two change the results only by
+floating-point rounding.
 """
 
 import logging
@@ -13,7 +14,12 @@ import torch
 from torch import nn
 from torch._functorch import config as functorch_config
 
-__all__ = ["CHANNELS_LAST_SETTINGS", "choose_channels_last", "compile_with_fallback"]
+__all__ = [
+    "CHANNELS_LAST_SETTINGS",
+    "cpu_bfloat16_support",
+    "choose_channels_last",
+    "compile_with_fallback",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,31 @@ def choose_channels_last(setting: str, device: str, *, training: bool) -> Tuple[
         return True, f"{where}: oneDNN inference, faster in NHWC on AVX2 and AVX-512"
     use = _onednn_has_avx512()
     return use, f"{where}: oneDNN training {'with' if use else 'without'} AVX-512"
+
+
+def cpu_bfloat16_support() -> Tuple[bool, str]:
+    """
+    Whether oneDNN runs bfloat16 convolutions on this CPU in hardware (AMX or AVX512-BF16,
+    not capped by ``ONEDNN_MAX_CPU_ISA``), where they are several times faster than float32;
+    elsewhere it converts to float32 and back, slower than float32 alone.
+
+    Returns:
+        The answer and the reason for it, for the log.
+    """
+    units = [
+        name
+        for name, present in (
+            ("AMX", torch.cpu._is_amx_tile_supported()),
+            ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
+        )
+        if present
+    ]
+    if not units:
+        return False, "this CPU has neither AMX nor AVX512-BF16"
+    variable, cap = _onednn_isa_cap()
+    if not _onednn_has_avx512():
+        return False, f"{variable}={cap} keeps oneDNN from this CPU's {' and '.join(units)}"
+    return True, f"this CPU has {' and '.join(units)}"
 
 
 def _root_cause(exc: BaseException) -> BaseException:

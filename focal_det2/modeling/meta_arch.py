@@ -18,7 +18,12 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from .acceleration import CHANNELS_LAST_SETTINGS, choose_channels_last, compile_with_fallback
+from .acceleration import (
+    CHANNELS_LAST_SETTINGS,
+    choose_channels_last,
+    compile_with_fallback,
+    cpu_bfloat16_support,
+)
 from .folding import inference_copy, state_signature
 from .heads import FOCAL_HEAD_REGISTRY, build_focal_head
 from .losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
@@ -91,6 +96,23 @@ def _channels_last(cfg: CN) -> Dict[str, bool]:
 _FORMAT = {True: "NHWC", False: "NCHW"}
 
 
+def _bfloat16_training(cfg: CN) -> bool:
+    # Detectron2's AMPTrainer autocasts to float16 on CUDA; on a CPU the model autocasts its
+    # own training forward to bfloat16 (PyTorch's CPU autocast type).
+    if not (cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"):
+        return False
+    native, reason = cpu_bfloat16_support()
+    if native:
+        logger.info("SOLVER.AMP.ENABLED: training forward in bfloat16 autocast (%s).", reason)
+    else:
+        logger.warning(
+            "SOLVER.AMP.ENABLED: training forward in bfloat16 autocast, slower than float32 "
+            "here: %s.",
+            reason,
+        )
+    return True
+
+
 @META_ARCH_REGISTRY.register()
 class FocalRetinaNet(RetinaNet):
     """
@@ -115,6 +137,7 @@ class FocalRetinaNet(RetinaNet):
         compile: bool = False,
         fold_batch_norms: bool = True,
         pack_conv_weights: bool = True,
+        bfloat16_training: bool = False,
         **kwargs,
     ):
         """
@@ -132,6 +155,8 @@ class FocalRetinaNet(RetinaNet):
                 ``compile``, which folds them itself).
             pack_conv_weights: in those copies, on a CPU, give channels-last convolutions their
                 weights packed once for oneDNN (eager PyTorch packs them at every call).
+            bfloat16_training: in training, run the forward on a CPU under autocast to bfloat16
+                (the convolutions; the parameters, their gradients and the losses stay float32).
             kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
         """
         super().__init__(**kwargs)
@@ -146,6 +171,7 @@ class FocalRetinaNet(RetinaNet):
             compile_with_fallback(self.head, "head")
         self.fold_batch_norms = fold_batch_norms and not compile
         self.pack_conv_weights = pack_conv_weights
+        self.bfloat16_training = bfloat16_training
         # (state signature, backbone, head) of the last folding; not submodules: no state-dict
         # keys, and DDP and optimizers do not see them.
         self._folded: Optional[tuple] = None
@@ -172,6 +198,7 @@ class FocalRetinaNet(RetinaNet):
             compile=cfg.MODEL.FOCAL_RETINANET.COMPILE,
             fold_batch_norms=cfg.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS,
             pack_conv_weights=cfg.MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS,
+            bfloat16_training=_bfloat16_training(cfg),
         )
         return ret
 
@@ -225,6 +252,9 @@ class FocalRetinaNet(RetinaNet):
         Detectron2's: losses in training, per image ``{"instances": Instances}`` in inference,
         computed by :meth:`inference_modules`.
         """
+        if self.training and self.bfloat16_training:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return super().forward(batched_inputs)
         backbone, head = self.inference_modules()
         if backbone is self.backbone and head is self.head:
             return super().forward(batched_inputs)
