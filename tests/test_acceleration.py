@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 
 from focal_det2.engine import FocalTrainer
 from focal_det2.modeling import _fused_focal_loss, acceleration
-from focal_det2.modeling.acceleration import choose_channels_last
+from focal_det2.modeling.acceleration import choose_channels_last, cpu_bfloat16_support
 
 from helpers import demo_cfg
 
@@ -50,6 +50,39 @@ def test_auto_picks_channels_last_by_onednn_isa(
     assert variable is None or f"{variable}={isa_cap}" in reason
     # NHWC forward kernels win on AVX2 as well (benchmarks/README.md).
     assert choose_channels_last("auto", "cpu", training=False)[0] is True
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, variable, isa_cap, expected",
+    [
+        (True, True, None, None, True),
+        (False, True, None, None, True),
+        (False, False, None, None, False),
+        (True, True, "ONEDNN_MAX_CPU_ISA", "AVX2", False),
+        (True, True, "DNNL_MAX_CPU_ISA", "avx512_core", False),
+        (True, True, "ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", True),
+        (True, True, "ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", True),
+        (True, True, "ONEDNN_MAX_CPU_ISA", "ALL", True),
+    ],
+)
+def test_bfloat16_hardware_by_cpu_and_onednn_cap(
+    monkeypatch, amx, avx512_bf16, variable, isa_cap, expected
+):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    if variable is not None:
+        monkeypatch.setenv(variable, isa_cap)
+    native, reason = cpu_bfloat16_support()
+    assert native is expected
+    if not (amx or avx512_bf16):
+        assert reason == "this CPU has neither AMX nor AVX512-BF16"
+    elif expected:
+        assert reason.startswith("this CPU has ") and ("AMX" in reason) is amx
+    else:
+        # The log names the cap that decided.
+        assert f"{variable}={isa_cap} keeps oneDNN from this CPU's" in reason
 
 
 @pytest.mark.parametrize("setting, expected", [("on", True), ("off", False)])

@@ -97,8 +97,11 @@ def cpu_bfloat16_support() -> Tuple[bool, str]:
     if not units:
         return False, "this CPU has neither AMX nor AVX512-BF16"
     variable, cap = _onednn_isa_cap()
-    if not _onednn_has_avx512():
-        return False, f"{variable}={cap} keeps oneDNN from this CPU's {' and '.join(units)}"
+    # oneDNN computes in bfloat16 from its ISA AVX512_CORE_BF16 up (..._FP16, ..._AMX, AVX10_*); a
+    # cap below that (AVX2, AVX512_CORE, ...) leaves it the float32 kernels and conversions.
+    if cap is not None and cap.upper() not in ("ALL", "DEFAULT"):
+        if not any(mark in cap.upper() for mark in ("BF16", "FP16", "AMX", "AVX10")):
+            return False, f"{variable}={cap} keeps oneDNN from this CPU's {' and '.join(units)}"
     return True, f"this CPU has {' and '.join(units)}"
 
 
