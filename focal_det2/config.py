@@ -61,8 +61,9 @@ def add_focal_config(cfg: CN) -> None:
     # on those modules inference runs them. False: Detectron2's computation, bit for bit.
     _C.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS = True
     # In those copies, on a CPU, channels-last convolutions take their weights packed once into
-    # oneDNN's layout, where eager PyTorch packs them at every call: the same kernel and the same
-    # results, faster (README: Deploy).
+    # oneDNN's layout, where eager PyTorch packs them at every call, and run the ReLU (and a
+    # ResNet block's residual addition) after them as oneDNN post-ops: the same kernel and the
+    # same results, faster (README: Deploy).
     _C.MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS = True
     # Per-class alpha of the classification loss (every loss with an alpha): one float in
     # [0, 1] per class (MODEL.RETINANET.NUM_CLASSES values), weighting the positives of class k

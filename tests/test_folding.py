@@ -3,15 +3,18 @@ Inference with the batch norms folded into the convolutions (FOLD_BATCH_NORMS) a
 convolutions' weights packed for oneDNN (PACK_CONV_WEIGHTS).
 """
 
+import collections
 import copy
 
 import pytest
 import torch
 from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from focal_det2.modeling.folding import _PackedConvolution
+from focal_det2.modeling.folding import _PackedConvolution, inference_copy
 
 from helpers import demo_cfg
 
@@ -230,3 +233,72 @@ def test_nothing_to_fold_keeps_the_modules(opts):
         backbone, head = model.inference_modules()
     assert _packed_convolutions(backbone) and _packed_convolutions(head)
     assert any(isinstance(m, nn.GroupNorm) for m in backbone.modules())
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators run, by name (e.g. "aten.relu_.default")."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+RELUS = ("aten.relu.default", "aten.relu_.default")
+RESIDUAL_CONVOLUTION = "mkldnn._convolution_pointwise.binary"
+
+
+def test_relus_and_residual_additions_run_in_the_packed_convolutions():
+    opts = ["MODEL.FOCAL_RETINANET.CHANNELS_LAST", "on"]
+    packed = _model(True, "BN", *opts)
+    unpacked = _model(True, "BN", *opts, "MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS", False)
+    with torch.no_grad():
+        packed(_images())  # each shape is packed at its second call
+        with _OpCounter() as fused_ops:
+            ours = packed(_images())
+        with _OpCounter() as eager_ops:
+            reference = unpacked(_images())
+    # R18: a stem and 8 residual blocks of 2 ReLUs; the head: NUM_CONVS per subnet and level;
+    # FPN's P6 -> P7 starts with a ReLU (before its convolution: not fused).
+    head_relus = 2 * packed.head.cls_subnet.__len__() // 3 * 5
+    assert sum(eager_ops.counts[op] for op in RELUS) == 1 + 8 * 2 + head_relus + 1
+    assert sum(fused_ops.counts[op] for op in RELUS) == 1
+    assert fused_ops.counts[RESIDUAL_CONVOLUTION] == 8
+    assert eager_ops.counts[RESIDUAL_CONVOLUTION] == 0
+    for x, y in zip(ours, reference, strict=True):
+        x, y = x["instances"], y["instances"]
+        assert len(x) == len(y) > 0
+        # Post-ops add the same float32 values: bit for bit.
+        assert torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor)
+        assert torch.equal(x.scores, y.scores)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_bottleneck_block_and_stem_fused_compute_detectron2s(stride):
+    torch.manual_seed(0)
+    stem = BasicStem(3, 16, norm="BN")
+    block = BottleneckBlock(16, 32, bottleneck_channels=8, stride=stride, norm="BN")
+    module = nn.Sequential(stem, block)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    module.eval()
+    x = torch.randn(2, 3, 40, 56, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused = inference_copy(module.to(memory_format=torch.channels_last), pack_weights=True)
+        reference = inference_copy(module, pack_weights=False)
+        for _ in range(2):
+            with _OpCounter() as ops:
+                out = fused(x)
+        expected = reference(x)
+    assert sum(ops.counts[op] for op in RELUS) == 0
+    assert ops.counts[RESIDUAL_CONVOLUTION] == 1
+    # Unfused: Detectron2's forwards, around the same (folded) convolutions.
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, module(x), rtol=1e-4, atol=1e-4)

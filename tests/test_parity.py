@@ -192,16 +192,17 @@ def canonical(instances):
 @pytest.mark.parametrize(
     "norm, batched", [("", True), ("GN", False)], ids=["one_batch", "GN-one_image_each"]
 )
-# The three ways of the post-processing to the per-level top-k: every candidate kept (no image
-# has more than TOPK_CANDIDATES_TEST), the top-k of the candidates (few pass), the top-k of
-# all pairs before the threshold (many pass, as with an untrained model; here forced).
+# The ways of the post-processing to the per-level top-k: every candidate kept (no image has
+# more than TOPK_CANDIDATES_TEST), the top-k of the candidates above the threshold (few pass),
+# the top-k of those above a bound raised from a sample of the pairs (many pass, as with an
+# untrained model; here forced on every level).
 @pytest.mark.parametrize(
-    "topk, max_passing_per_topk",
-    [(10**6, 64), (20, 64), (20, 0), (1000, 64)],
-    ids=["all_kept", "topk_of_passing", "topk_of_all", "default_topk"],
+    "topk, sampled_pairs_per_topk",
+    [(10**6, 64), (20, 10**9), (20, 0), (1000, 64)],
+    ids=["all_kept", "topk_of_passing", "topk_above_sampled_bound", "default_topk"],
 )
-def test_detections_match_detectron2(norm, batched, topk, max_passing_per_topk, monkeypatch):
-    monkeypatch.setattr(postprocess, "_MAX_PASSING_PER_TOPK", max_passing_per_topk)
+def test_detections_match_detectron2(norm, batched, topk, sampled_pairs_per_topk, monkeypatch):
+    monkeypatch.setattr(postprocess, "_SAMPLED_PAIRS_PER_TOPK", sampled_pairs_per_topk)
     reference, ours = build_pair(norm)
     reference.test_topk_candidates = ours.test_topk_candidates = topk
     batch = [{k: v for k, v in x.items() if k != "instances"} for x in make_batch()]
@@ -282,6 +283,33 @@ def test_logit_threshold_detections_equal_scoring_every_anchor(name, monkeypatch
     # Per image, by descending score.
     for i in range(num_images):
         assert (scores[image == i].diff() <= 0).all()
+
+
+@pytest.mark.parametrize("layout", ["spread", "sampled_pairs_largest"])
+def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
+    g = torch.Generator().manual_seed(0)
+    k, thresh = 50, 0.0
+    # About half of the pairs pass; the first two levels are large enough to be sampled.
+    levels = [torch.randn(2, n, generator=g) for n in (3 * 64 * k, 64 * k, 500)]
+    if layout == "sampled_pairs_largest":
+        # The sample then overestimates the bound: fewer than k pairs above it, so the
+        # threshold itself must be used.
+        for x in levels:
+            x[:, :: postprocess._SAMPLE_STRIDE] += 10
+    image, level, index, values = postprocess._passing_pairs(levels, thresh, k)
+    expected, first_pair = set(), 0
+    for lvl, x in enumerate(levels):
+        for i in range(len(x)):
+            passing = (x[i] > thresh).nonzero()[:, 0]
+            top = passing[x[i][passing].topk(min(k, len(passing))).indices]
+            expected |= {(i, lvl, int(j) + first_pair, float(x[i][j])) for j in top}
+        first_pair += x.shape[1]
+    found = set(zip(image.tolist(), level.tolist(), index.tolist(), values.tolist()))
+    assert found == expected and len(values) == len(expected)
+    image, _ = postprocess._pairs_above_bounds(levels[0], thresh, k)
+    counts = torch.bincount(image, minlength=2)
+    assert (counts < (levels[0] > thresh).sum(1)).all() == (layout == "spread")
+    assert (counts >= k).all()
 
 
 @pytest.mark.parametrize("crowding", ["few_suppressed", "most_suppressed"])

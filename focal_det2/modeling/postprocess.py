@@ -11,11 +11,11 @@ with less work:
   (:meth:`ClassificationLoss.score_threshold_logit`), anchors are compared to it in logit
   space and only the candidates above it are scored; their scores are then compared to the
   score threshold itself, so the result equals scoring every anchor;
-- in eager mode, when few pairs pass the threshold (a trained model), the pairs that pass on
-  all levels are found at once, and a level's top-k is taken only where more than k of an
-  image pass; when many pass (an untrained model: millions), and in the
-  exported graph, the top-k is one selection per level over the (anchor, class) pairs of all
-  images, before the threshold (the same set), so that the number of candidates stays bounded;
+- in eager mode, a level's pairs above the threshold are gathered, and its top-k is taken only
+  where more than k of an image pass; when many pass (an untrained model: millions), the
+  threshold is first raised to a bound that still leaves at least k above it, estimated from a
+  sample of the pairs; in the exported graph, the top-k is one selection per level over the
+  (anchor, class) pairs of all images, before the threshold (the same set);
 - the detection cap is one sort over the candidates of all images; for one image, in eager
   mode, NMS runs first on the highest-scored candidates, and on the others only when these
   keep fewer detections than the cap;
@@ -78,11 +78,10 @@ def dense_detections(
         ranked_levels, thresh = logits, logit_thresh
     num_classes = ranked_levels[0].shape[-1]
     ranked_levels = [x.flatten(1) for x in ranked_levels]  # (N, Ri * K)
-    candidates = None
-    if not torch.compiler.is_exporting():
-        candidates = _passing_pairs(ranked_levels, thresh, topk_candidates)
-    if candidates is None:
+    if torch.compiler.is_exporting():
         candidates = _top_k_pairs(ranked_levels, thresh, topk_candidates)
+    else:
+        candidates = _passing_pairs(ranked_levels, thresh, topk_candidates)
     image, level, index, top = candidates
     scores = top if logit_thresh is None else cls_loss.predict_scores(top)
     # Pairs are numbered row-major, (anchor, class), over the levels in order, as Detectron2
@@ -116,48 +115,70 @@ def dense_detections(
 
 def _passing_pairs(
     ranked_levels: List[Tensor], thresh: float, k: int
-) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """
     Eager: Detectron2's candidates, the top-k of each level's and image's pairs above the
     threshold, as (image, level, pair index, value), the pairs of all levels numbered in
-    order, when few pass (a trained model; up to tens of thousands at 800 px): one comparison
-    and one gather for all levels, a selection only where a level of an image has more than k.
-    None when many pass (an untrained model: millions), so that they are not all sorted.
+    order. Per level, the pairs above a bound (:func:`_pairs_above_bounds`: the threshold, or a
+    higher value with at least k pairs of the image above it) are gathered, and a selection
+    runs only where more than k of an image pass: with a trained model few pass, with an
+    untrained one about half of the millions, which are not all sorted.
     """
-    num_images, num_levels = ranked_levels[0].shape[0], len(ranked_levels)
-    ranked = torch.cat(ranked_levels, dim=1)
-    above = ranked > thresh
-    if int(above.count_nonzero()) > _MAX_PASSING_PER_TOPK * k * num_images * num_levels:
-        return None
-    image, index = above.nonzero(as_tuple=True)
-    level_ends = torch.tensor([x.shape[1] for x in ranked_levels], device=index.device).cumsum(0)
-    level = torch.bucketize(index, level_ends, right=True)
-    values = ranked[image, index]
-    if len(values) > k:
-        # By image and pair index, the pairs of each (image, level) are contiguous.
-        counts = torch.bincount(image * num_levels + level, minlength=num_images * num_levels)
-        parts, start = [], 0
-        for count in counts.tolist():
-            if count > k:
-                parts.append(values[start : start + count].topk(k).indices + start)
-            else:
-                parts.append(torch.arange(start, start + count, device=values.device))
-            start += count
-        keep = torch.cat(parts)
-        image, level, index, values = image[keep], level[keep], index[keep], values[keep]
-    return image, level, index, values
+    num_images = ranked_levels[0].shape[0]
+    candidates, first_pair = [], 0
+    for level, ranked in enumerate(ranked_levels):
+        image, index = _pairs_above_bounds(ranked, thresh, k)
+        values = ranked[image, index]
+        if len(values) > k:
+            # By image and pair index, the pairs of each image are contiguous.
+            parts, start = [], 0
+            for count in torch.bincount(image, minlength=num_images).tolist():
+                if count > k:
+                    parts.append(values[start : start + count].topk(k).indices + start)
+                else:
+                    parts.append(torch.arange(start, start + count, device=values.device))
+                start += count
+            keep = torch.cat(parts)
+            image, index, values = image[keep], index[keep], values[keep]
+        candidates.append((image, torch.full_like(image, level), index + first_pair, values))
+        first_pair += ranked.shape[1]
+    return tuple(torch.cat(x) for x in zip(*candidates))
 
 
-# Above this many passing pairs per top-k (of a level and image), selecting among all pairs is
-# cheaper than sorting the passing ones.
-_MAX_PASSING_PER_TOPK = 64
+def _pairs_above_bounds(ranked: Tensor, thresh: float, k: int) -> Tuple[Tensor, Tensor]:
+    """
+    (image, pair index) of a level's (N, P) values above a bound per image above which its
+    top-k above ``thresh`` lies: ``thresh`` or, where a strided sample of the values shows many
+    more than k above it, the sample's estimate of the 2k-th largest value, used when at least
+    k values of each such image are above it (then their top-k are among them).
+    """
+    num_images, num_pairs = ranked.shape
+    if num_pairs >= _SAMPLED_PAIRS_PER_TOPK * k:
+        # A prime stride: the sample does not align with the (anchor, class) layout.
+        sample = ranked[:, ::_SAMPLE_STRIDE]
+        rank = min(sample.shape[1], -(-2 * k // _SAMPLE_STRIDE))
+        estimate = sample.topk(rank, dim=1).values[:, -1:]
+        raised = estimate[:, 0] > thresh
+        if bool(raised.any()):
+            image, index = (ranked > estimate.clamp(min=thresh)).nonzero(as_tuple=True)
+            counts = torch.bincount(image, minlength=num_images)
+            if bool(((counts >= k) | ~raised).all()):
+                return image, index
+    return (ranked > thresh).nonzero(as_tuple=True)
+
+
+# Levels of at least this many pairs per top-k raise their bound from a sample of their pairs,
+# one in _SAMPLE_STRIDE.
+_SAMPLED_PAIRS_PER_TOPK = 64
+_SAMPLE_STRIDE = 61
 
 
 def _top_k_pairs(ranked_levels: List[Tensor], thresh: float, k: int) -> Tuple[Tensor, ...]:
     """
-    Detectron2's candidates, the top-k of each level's and image's pairs above the threshold,
-    as in :func:`_passing_pairs`: the top-k of the pairs above the threshold is the top-k of
-    all pairs that are above it, one batched selection per level however many pass, traceable.
+    Exported: Detectron2's candidates, the top-k of each level's and image's pairs above the
+    threshold, as in :func:`_passing_pairs`: the top-k of the pairs above the threshold is the
+    top-k of all pairs that are above it, one batched selection per level however many pass,
+    traceable.
     """
     candidates, first_pair = [], 0
     for level, ranked in enumerate(ranked_levels):
