@@ -296,15 +296,15 @@ def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
         # threshold itself must be used.
         for x in levels:
             x[:, :: postprocess._SAMPLE_STRIDE] += 10
-    image, level, index, values = postprocess._passing_pairs(levels, thresh, k)
+    image, index, values = postprocess._passing_pairs(levels, thresh, k)
     expected, first_pair = set(), 0
-    for lvl, x in enumerate(levels):
+    for x in levels:
         for i in range(len(x)):
             passing = (x[i] > thresh).nonzero()[:, 0]
             top = passing[x[i][passing].topk(min(k, len(passing))).indices]
-            expected |= {(i, lvl, int(j) + first_pair, float(x[i][j])) for j in top}
+            expected |= {(i, int(j) + first_pair, float(x[i][j])) for j in top}
         first_pair += x.shape[1]
-    found = set(zip(image.tolist(), level.tolist(), index.tolist(), values.tolist()))
+    found = set(zip(image.tolist(), index.tolist(), values.tolist()))
     assert found == expected and len(values) == len(expected)
     image, _ = postprocess._pairs_above_bounds(levels[0], thresh, k)
     counts = torch.bincount(image, minlength=2)

@@ -25,7 +25,7 @@ When exporting, everything is tensor operations without data-dependent Python co
 so that ``torch.export`` traces it with dynamic image sizes.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -68,7 +68,7 @@ def dense_detections(
         in the coordinates of the anchors, (D,), (D,) int64 class ids and (D,) int64 image ids,
         ordered by image and then by descending score.
     """
-    num_images, num_levels = logits[0].shape[0], len(logits)
+    num_images = logits[0].shape[0]
     logit_thresh = cls_loss.score_threshold_logit(score_thresh)
     if logit_thresh is None:
         ranked_levels = [cls_loss.predict_scores(x) for x in logits]
@@ -82,20 +82,19 @@ def dense_detections(
         candidates = _top_k_pairs(ranked_levels, thresh, topk_candidates)
     else:
         candidates = _passing_pairs(ranked_levels, thresh, topk_candidates)
-    image, level, index, top = candidates
+    image, index, top = candidates
     scores = top if logit_thresh is None else cls_loss.predict_scores(top)
     # Pairs are numbered row-major, (anchor, class), over the levels in order, as Detectron2
     # enumerates candidates: a pair's anchor indexes the concatenated anchors.
     anchor = torch.div(index, num_classes, rounding_mode="floor")
     classes = index % num_classes
-    segment = image * num_levels + level
 
     # The logit threshold lets through a margin of candidates whose score is not above the
-    # threshold: they rank last and are dropped.
-    passed = scores > score_thresh
-    keep = _top_k_per_segment(
-        segment, scores, topk_candidates, num_images * num_levels, valid=passed
-    )
+    # threshold: they rank below every passing one, so a level's top-k holds them only where
+    # fewer than k pass, and dropping them leaves Detectron2's candidates. These are, per
+    # image, in Detectron2's order up to ties (by level, then by descending score or by index),
+    # which NMS, sorting stably by score, then sees in the same order.
+    keep = (scores > score_thresh).nonzero()[:, 0]
     image, anchor, classes, scores = image[keep], anchor[keep], classes[keep], scores[keep]
     boxes = box2box_transform.apply_deltas(
         torch.cat(deltas, dim=1)[image, anchor], torch.cat(anchors)[anchor]
@@ -115,18 +114,18 @@ def dense_detections(
 
 def _passing_pairs(
     ranked_levels: List[Tensor], thresh: float, k: int
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor]:
     """
     Eager: Detectron2's candidates, the top-k of each level's and image's pairs above the
-    threshold, as (image, level, pair index, value), the pairs of all levels numbered in
-    order. Per level, the pairs above a bound (:func:`_pairs_above_bounds`: the threshold, or a
+    threshold, as (image, pair index, value), the pairs of all levels numbered in order, by
+    level. Per level, the pairs above a bound (:func:`_pairs_above_bounds`: the threshold, or a
     higher value with at least k pairs of the image above it) are gathered, and a selection
     runs only where more than k of an image pass: with a trained model few pass, with an
     untrained one about half of the millions, which are not all sorted.
     """
     num_images = ranked_levels[0].shape[0]
     candidates, first_pair = [], 0
-    for level, ranked in enumerate(ranked_levels):
+    for ranked in ranked_levels:
         image, index = _pairs_above_bounds(ranked, thresh, k)
         values = ranked[image, index]
         if len(values) > k:
@@ -140,7 +139,7 @@ def _passing_pairs(
                 start += count
             keep = torch.cat(parts)
             image, index, values = image[keep], index[keep], values[keep]
-        candidates.append((image, torch.full_like(image, level), index + first_pair, values))
+        candidates.append((image, index + first_pair, values))
         first_pair += ranked.shape[1]
     return tuple(torch.cat(x) for x in zip(*candidates))
 
@@ -181,15 +180,12 @@ def _top_k_pairs(ranked_levels: List[Tensor], thresh: float, k: int) -> Tuple[Te
     traceable.
     """
     candidates, first_pair = [], 0
-    for level, ranked in enumerate(ranked_levels):
+    for ranked in ranked_levels:
         num_images, num_pairs = ranked.shape
         top, index = ranked.topk(torch.sym_min(k, num_pairs), dim=1)
         image = torch.arange(num_images, device=top.device)[:, None].expand_as(index)
         above = top > thresh
-        image = image[above]
-        candidates.append(
-            (image, torch.full_like(image, level), index[above] + first_pair, top[above])
-        )
+        candidates.append((image[above], index[above] + first_pair, top[above]))
         first_pair += num_pairs
     return tuple(torch.cat(x) for x in zip(*candidates))
 
@@ -236,9 +232,7 @@ def _batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: floa
     return nms(shifted, scores, iou_thresh)
 
 
-def _top_k_per_segment(
-    segment: Tensor, scores: Tensor, k: int, num_segments: int, valid: Optional[Tensor] = None
-) -> Tensor:
+def _top_k_per_segment(segment: Tensor, scores: Tensor, k: int, num_segments: int) -> Tensor:
     """
     Indices of the k highest scores of each segment.
 
@@ -247,26 +241,19 @@ def _top_k_per_segment(
         scores: (M,) scores in [0, 1].
         k: how many to keep per segment.
         num_segments: the number of segments.
-        valid: (M,) bool, or None: only valid entries are kept, and they rank first.
 
     Returns:
         (M',) int64 indices into the M entries, ordered by segment and then by descending
         score.
     """
     # One ascending sort (ONNX has no stable sort to chain two): by segment, then by descending
-    # score, invalid entries last. In float64 beside segment ids below 1,000, distinct float32
-    # scores above 1e-5 stay distinct.
-    sort_scores = scores.to(torch.float64)
-    if valid is not None:
-        sort_scores = torch.where(valid, sort_scores, torch.full_like(sort_scores, -1.0))
-    order = (segment.to(torch.float64) * 4 - sort_scores).sort().indices
+    # score. In float64 beside segment ids below 1,000, distinct float32 scores above 1e-5 stay
+    # distinct.
+    order = (segment.to(torch.float64) * 4 - scores.to(torch.float64)).sort().indices
     segment = segment[order]
     # Rank within the segment: position minus the segment's first position.
     counts = (segment[:, None] == torch.arange(num_segments, device=segment.device)).sum(0)
     rank = (
         torch.arange(segment.shape[0], device=segment.device) - (counts.cumsum(0) - counts)[segment]
     )
-    selected = rank < k
-    if valid is not None:
-        selected &= valid[order]
-    return order[selected]
+    return order[rank < k]
