@@ -275,6 +275,9 @@ def test_logit_threshold_detections_equal_scoring_every_anchor(name, monkeypatch
     )
     fast = dense_detections(logits, deltas, anchors, **kwargs)
     monkeypatch.setattr(type(loss), "score_threshold_logit", lambda self, t: None)
+    monkeypatch.setattr(
+        type(loss), "predict_candidate_scores", lambda self, x, t: self.predict_scores(x)
+    )
     every = dense_detections(logits, deltas, anchors, **kwargs)
     for a, b in zip(fast, every):
         assert torch.equal(a, b)
@@ -283,6 +286,23 @@ def test_logit_threshold_detections_equal_scoring_every_anchor(name, monkeypatch
     # Per image, by descending score.
     for i in range(num_images):
         assert (scores[image == i].diff() <= 0).all()
+
+
+@pytest.mark.parametrize("thresh", [0.0, 0.05, 0.5])
+def test_softmax_candidate_scores_are_its_scores_wherever_they_pass(thresh):
+    loss = loss_named("SoftmaxFocalLoss")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5000, 11, generator=g) * 3
+    logits[0, :100] = 0.0  # every class at 1/11
+    full = loss.predict_scores(logits)
+    fast = loss.predict_candidate_scores(logits, thresh)
+    passing = full > thresh
+    assert passing.any() and (thresh == 0 or not passing.all())
+    assert torch.equal(fast[passing], full[passing])
+    assert (fast[~passing] <= thresh).all()
+    # Anchors that cannot pass are not scored.
+    unscored = (fast == 0).all(dim=-1)
+    assert unscored.any() == (thresh > 0)
 
 
 @pytest.mark.parametrize("layout", ["spread", "sampled_pairs_largest"])

@@ -10,7 +10,9 @@ with less work:
 - when the classification loss has a logit threshold for its score function
   (:meth:`ClassificationLoss.score_threshold_logit`), anchors are compared to it in logit
   space and only the candidates above it are scored; their scores are then compared to the
-  score threshold itself, so the result equals scoring every anchor;
+  score threshold itself, so the result equals scoring every anchor; otherwise, in eager mode,
+  the loss may skip anchors that cannot pass
+  (:meth:`ClassificationLoss.predict_candidate_scores`: the softmax);
 - in eager mode, a level's pairs above the threshold are gathered, and its top-k is taken only
   where more than k of an image pass; when many pass (an untrained model: millions), the
   threshold is first raised to a bound that still leaves at least k above it, estimated from a
@@ -71,7 +73,10 @@ def dense_detections(
     num_images = logits[0].shape[0]
     logit_thresh = cls_loss.score_threshold_logit(score_thresh)
     if logit_thresh is None:
-        ranked_levels = [cls_loss.predict_scores(x) for x in logits]
+        if torch.compiler.is_exporting():
+            ranked_levels = [cls_loss.predict_scores(x) for x in logits]
+        else:
+            ranked_levels = [cls_loss.predict_candidate_scores(x, score_thresh) for x in logits]
         thresh = score_thresh
     else:
         # An elementwise, increasing score function: logits rank as the scores do.
