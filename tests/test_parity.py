@@ -1,6 +1,7 @@
 """FocalRetinaNet at default config is Detectron2's RetinaNet: weights, losses, grads, outputs."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -197,12 +198,23 @@ def canonical(instances):
 # the top-k of those above a bound raised from a sample of the pairs (many pass, as with an
 # untrained model; here forced on every level).
 @pytest.mark.parametrize(
-    "topk, sampled_pairs_per_topk",
-    [(10**6, 64), (20, 10**9), (20, 0), (1000, 64)],
+    "topk, sampled_pairs_per_topk, raises_bounds",
+    [(10**6, 64, False), (20, 10**9, False), (20, 0, True), (1000, 64, True)],
     ids=["all_kept", "topk_of_passing", "topk_above_sampled_bound", "default_topk"],
 )
-def test_detections_match_detectron2(norm, batched, topk, sampled_pairs_per_topk, monkeypatch):
+def test_detections_match_detectron2(
+    norm, batched, topk, sampled_pairs_per_topk, raises_bounds, monkeypatch
+):
     monkeypatch.setattr(postprocess, "_SAMPLED_PAIRS_PER_TOPK", sampled_pairs_per_topk)
+    raised_bounds = []
+    pairs_above_bounds = postprocess._pairs_above_bounds
+
+    def recording_pairs_above_bounds(ranked, thresh, k):
+        image, index = pairs_above_bounds(ranked, thresh, k)
+        raised_bounds.append(len(index) < int((ranked > thresh).sum()))
+        return image, index
+
+    monkeypatch.setattr(postprocess, "_pairs_above_bounds", recording_pairs_above_bounds)
     reference, ours = build_pair(norm)
     reference.test_topk_candidates = ours.test_topk_candidates = topk
     batch = [{k: v for k, v in x.items() if k != "instances"} for x in make_batch()]
@@ -224,6 +236,8 @@ def test_detections_match_detectron2(norm, batched, topk, sampled_pairs_per_topk
         torch.testing.assert_close(our.scores, ref.scores, rtol=2**-23, atol=0)
         assert torch.equal(our.pred_boxes.tensor, ref.pred_boxes.tensor)
         assert len(ref) > 0
+    # Whether a level's bound was raised above the threshold (P3 at the default top-k).
+    assert any(raised_bounds) == raises_bounds
 
 
 def loss_named(name):
@@ -288,21 +302,29 @@ def test_logit_threshold_detections_equal_scoring_every_anchor(name, monkeypatch
         assert (scores[image == i].diff() <= 0).all()
 
 
-@pytest.mark.parametrize("thresh", [0.0, 0.05, 0.5])
-def test_softmax_candidate_scores_are_its_scores_wherever_they_pass(thresh):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("thresh", [0.0, 1e-3, 0.05, 0.5])
+def test_softmax_candidate_scores_are_its_scores_wherever_they_pass(thresh, dtype):
     loss = loss_named("SoftmaxFocalLoss")
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5000, 11, generator=g) * 3
     logits[0, :100] = 0.0  # every class at 1/11
+    if thresh > 0:
+        # Rows at the bound: class 0 at log(thresh) + d below a dominant background logit.
+        d = torch.linspace(-2e-3, 4e-3, 1000)
+        logits[1, :1000] = -30.0
+        logits[1, :1000, 0] = math.log(thresh) + d
+        logits[1, :1000, -1] = 0.0
+    logits = logits.to(dtype)
     full = loss.predict_scores(logits)
     fast = loss.predict_candidate_scores(logits, thresh)
     passing = full > thresh
     assert passing.any() and (thresh == 0 or not passing.all())
     assert torch.equal(fast[passing], full[passing])
     assert (fast[~passing] <= thresh).all()
-    # Anchors that cannot pass are not scored.
+    # In float32, anchors that cannot pass are not scored; half precision scores every anchor.
     unscored = (fast == 0).all(dim=-1)
-    assert unscored.any() == (thresh > 0)
+    assert unscored.any() == (thresh > 0 and dtype == torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["spread", "sampled_pairs_largest"])
@@ -330,6 +352,21 @@ def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
     counts = torch.bincount(image, minlength=2)
     assert (counts < (levels[0] > thresh).sum(1)).all() == (layout == "spread")
     assert (counts >= k).all()
+
+
+def test_passing_pairs_beside_nan_samples_and_without_top_k():
+    g = torch.Generator().manual_seed(0)
+    k = 5
+    ranked = torch.rand(2, 64 * k * 4, generator=g)
+    # Image 0: NaN at every sampled pair, 20 pairs above the threshold; image 1 raises its bound.
+    ranked[0] = 0.0
+    ranked[0, :: postprocess._SAMPLE_STRIDE] = float("nan")
+    ranked[0, 1:41:2] = 0.9
+    image, index, values = postprocess._passing_pairs([ranked], 0.5, k)
+    assert torch.bincount(image, minlength=2).tolist() == [k, k]
+    assert (values[image == 0] == 0.9).all()
+    assert (values[image == 1] >= ranked[1].topk(k).values[-1]).all()
+    assert all(len(x) == 0 for x in postprocess._passing_pairs([ranked], 0.5, 0))
 
 
 @pytest.mark.parametrize("crowding", ["few_suppressed", "most_suppressed"])

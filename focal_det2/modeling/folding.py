@@ -128,7 +128,9 @@ def _fusable_forwards(module: nn.Module) -> List["_PackedConvolution"]:
     if isinstance(module, _PerLevelConv):
         forwards = module.level_forwards
     elif isinstance(module, nn.Conv2d):
-        if getattr(module, "norm", None) is not None or getattr(module, "activation", None):
+        if getattr(module, "norm", None) is not None:
+            return []
+        if getattr(module, "activation", None) is not None:
             return []
         forwards = [module.__dict__.get("forward")]
     else:
@@ -252,8 +254,25 @@ class _PackedConvolution:
         self.relu = False
 
     def __call__(self, x: Tensor) -> Tensor:
-        conv = self.conv
+        return self._forward(x, self._packed_weight_for(x))
+
+    def add_relu(self, x: Tensor, other: Tensor) -> Tensor:
+        """``relu(self(x) + other)``, the end of a residual block, in one oneDNN call."""
         packed = self._packed_weight_for(x)
+        if (
+            packed is None
+            or other.dtype != torch.float32
+            or not other.is_contiguous(memory_format=torch.channels_last)
+        ):
+            out = self._forward(x, packed)
+            out += other
+            return F.relu_(out)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, packed, self.bias, *self.conv_args, "add", 1.0, "relu", [], ""
+        )
+
+    def _forward(self, x: Tensor, packed: Optional[Tensor]) -> Tensor:
+        conv = self.conv
         if packed is not None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, packed, self.bias, *self.conv_args, "relu" if self.relu else "none", [], ""
@@ -264,22 +283,6 @@ class _PackedConvolution:
         if getattr(conv, "activation", None) is not None:
             x = conv.activation(x)
         return F.relu_(x) if self.relu else x
-
-    def add_relu(self, x: Tensor, other: Tensor) -> Tensor:
-        """``relu(self(x) + other)``, the end of a residual block, in one oneDNN call."""
-        packed = self._packed_weight_for(x)
-        if (
-            packed is None
-            or self.relu
-            or other.dtype != torch.float32
-            or not other.is_contiguous(memory_format=torch.channels_last)
-        ):
-            out = self(x)
-            out += other
-            return F.relu_(out)
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, packed, self.bias, *self.conv_args, "add", 1.0, "relu", [], ""
-        )
 
     def _packed_weight_for(self, x: Tensor) -> Optional[Tensor]:
         if (

@@ -635,8 +635,9 @@ class SoftmaxFocalLoss(ClassificationLoss):
         # A class's softmax is at most exp(its logit - the anchor's largest logit): anchors
         # with every class logit log(score_thresh) below their largest cannot pass, and are
         # not scored (on a CPU, softmax over 11 logits per anchor costs 20x their max). The
-        # margin absorbs the rounding of the softmax.
-        if score_thresh <= 0:
+        # margin absorbs the rounding of a float32 or float64 softmax (half precision rounds by
+        # more: every anchor is scored).
+        if score_thresh <= 0 or logits.dtype not in (torch.float32, torch.float64):
             return self.predict_scores(logits)
         headroom = logits[..., :-1] - logits.amax(dim=-1, keepdim=True)
         candidates = (headroom > math.log(score_thresh) - _SOFTMAX_BOUND_MARGIN).any(dim=-1)

@@ -96,9 +96,9 @@ def dense_detections(
 
     # The logit threshold lets through a margin of candidates whose score is not above the
     # threshold: they rank below every passing one, so a level's top-k holds them only where
-    # fewer than k pass, and dropping them leaves Detectron2's candidates. These are, per
-    # image, in Detectron2's order up to ties (by level, then by descending score or by index),
-    # which NMS, sorting stably by score, then sees in the same order.
+    # fewer than k pass, and dropping them leaves Detectron2's candidates (by level, each
+    # level's by descending score or by pair index: NMS sorts them by score, so only the order
+    # of tied scores can differ from Detectron2's).
     keep = (scores > score_thresh).nonzero()[:, 0]
     image, anchor, classes, scores = image[keep], anchor[keep], classes[keep], scores[keep]
     boxes = box2box_transform.apply_deltas(
@@ -157,16 +157,17 @@ def _pairs_above_bounds(ranked: Tensor, thresh: float, k: int) -> Tuple[Tensor, 
     k values of each such image are above it (then their top-k are among them).
     """
     num_images, num_pairs = ranked.shape
-    if num_pairs >= _SAMPLED_PAIRS_PER_TOPK * k:
+    if k > 0 and num_pairs >= _SAMPLED_PAIRS_PER_TOPK * k:
         # A prime stride: the sample does not align with the (anchor, class) layout.
         sample = ranked[:, ::_SAMPLE_STRIDE]
         rank = min(sample.shape[1], -(-2 * k // _SAMPLE_STRIDE))
         estimate = sample.topk(rank, dim=1).values[:, -1:]
-        raised = estimate[:, 0] > thresh
+        raised = estimate > thresh  # False for NaN
         if bool(raised.any()):
-            image, index = (ranked > estimate.clamp(min=thresh)).nonzero(as_tuple=True)
+            bounds = torch.where(raised, estimate, torch.full_like(estimate, thresh))
+            image, index = (ranked > bounds).nonzero(as_tuple=True)
             counts = torch.bincount(image, minlength=num_images)
-            if bool(((counts >= k) | ~raised).all()):
+            if bool(((counts >= k) | ~raised[:, 0]).all()):
                 return image, index
     return (ranked > thresh).nonzero(as_tuple=True)
 
