@@ -7,7 +7,8 @@ for each CPU instruction set asked for.
 
 The models are built from Detectron2's ``COCO-Detection/retinanet_R_50_FPN_1x.yaml`` (R50-FPN,
 80 classes): FocalRetinaNet with the plugin's defaults (``MODEL.FOCAL_RETINANET.CHANNELS_LAST
-"auto"``: the row names the formats it picked for training and inference), with each memory
+"auto"``: the row names the formats it picked for training and inference, and
+``MODEL.FOCAL_RETINANET.WINOGRAD "auto"``: ", Winograd head" where it picked it), with each memory
 format forced, compiled (``MODEL.FOCAL_RETINANET.COMPILE True``, default memory format), and on
 CPU with ``SOLVER.AMP.ENABLED`` (training forward in bfloat16 autocast, where oneDNN runs it in
 hardware; its inference is the default's, not timed again); the weights are copied so that all
@@ -42,7 +43,11 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from focal_det2 import add_focal_config
-from focal_det2.modeling.acceleration import choose_channels_last, cpu_bfloat16_support
+from focal_det2.modeling.acceleration import (
+    choose_channels_last,
+    choose_winograd,
+    cpu_bfloat16_support,
+)
 
 from common import isa_environment, load, machine, peak_bytes, sync
 
@@ -69,8 +74,10 @@ def build_models(device: str) -> Dict[str, torch.nn.Module]:
         )
         for mode in ("training", "inference")
     }
+    winograd = ", Winograd head" if choose_winograd("auto", device)[0] else ""
+    default = f"{auto['training']} training, {auto['inference']} inference{winograd}"
     variants = {
-        f"FocalRetinaNet (default: {auto['training']} training, {auto['inference']} inference)": [],
+        f"FocalRetinaNet (default: {default})": [],
         "FocalRetinaNet, NHWC": ["MODEL.FOCAL_RETINANET.CHANNELS_LAST", "on"],
         "FocalRetinaNet, NCHW": ["MODEL.FOCAL_RETINANET.CHANNELS_LAST", "off"],
         "FocalRetinaNet, compiled": ["MODEL.FOCAL_RETINANET.COMPILE", True],

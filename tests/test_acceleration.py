@@ -12,7 +12,11 @@ from detectron2.utils.events import EventStorage
 
 from focal_det2.engine import FocalTrainer
 from focal_det2.modeling import _fused_focal_loss, acceleration
-from focal_det2.modeling.acceleration import choose_channels_last, cpu_bfloat16_support
+from focal_det2.modeling.acceleration import (
+    choose_channels_last,
+    choose_winograd,
+    cpu_bfloat16_support,
+)
 
 from helpers import demo_cfg
 
@@ -21,6 +25,15 @@ from helpers import demo_cfg
 COMPILED_LOSS_RTOL = 1e-4
 COMPILED_BOX_ATOL = 1e-2
 COMPILED_SCORE_ATOL = 1e-4
+
+
+def _emulate_cpu(monkeypatch, capability, variable, isa_cap):
+    """A CPU of ATen ``capability``, oneDNN capped by ``variable`` = ``isa_cap`` (None: not)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    if variable is not None:
+        monkeypatch.setenv(variable, isa_cap)
 
 
 @pytest.mark.parametrize(
@@ -38,11 +51,7 @@ COMPILED_SCORE_ATOL = 1e-4
 def test_auto_picks_channels_last_by_onednn_isa(
     monkeypatch, capability, variable, isa_cap, expected
 ):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    if variable is not None:
-        monkeypatch.setenv(variable, isa_cap)
+    _emulate_cpu(monkeypatch, capability, variable, isa_cap)
     use, reason = choose_channels_last("auto", "cpu", training=True)
     assert use is expected
     assert capability in reason and ("with AVX-512" if expected else "without AVX-512") in reason
@@ -90,6 +99,29 @@ def test_explicit_setting_wins(monkeypatch, setting, expected):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     for training in (True, False):
         assert choose_channels_last(setting, "cpu", training=training)[0] is expected
+
+
+@pytest.mark.parametrize(
+    "capability, variable, isa_cap, expected",
+    [
+        ("AVX512", None, None, False),
+        ("AVX512", "ONEDNN_MAX_CPU_ISA", "AVX2", True),
+        ("AVX512", "DNNL_MAX_CPU_ISA", "AVX2", True),
+        ("AVX2", None, None, True),
+        ("DEFAULT", None, None, False),
+    ],
+)
+def test_auto_picks_winograd_where_onednn_lacks_avx512(
+    monkeypatch, capability, variable, isa_cap, expected
+):
+    _emulate_cpu(monkeypatch, capability, variable, isa_cap)
+    use, reason = choose_winograd("auto", "cpu")
+    assert use is expected
+    assert capability in reason
+    assert variable is None or f"{variable}={isa_cap}" in reason
+    assert choose_winograd("on", "cpu")[0] is True
+    assert choose_winograd("off", "cpu")[0] is False
+    assert choose_winograd("on", "cuda:0") == (False, "not a CPU (cuda:0)")
 
 
 def _cfg(*opts):
@@ -145,9 +177,10 @@ def test_memory_format_follows_the_mode_in_place():
         assert torch.equal(value, state[key]), key
 
 
-def test_invalid_channels_last_value_names_key_and_values():
-    with pytest.raises(ValueError, match='CHANNELS_LAST.*"auto", "on", "off"'):
-        build_model(_cfg("MODEL.FOCAL_RETINANET.CHANNELS_LAST", "yes"))
+@pytest.mark.parametrize("key", ["CHANNELS_LAST", "WINOGRAD"])
+def test_invalid_setting_names_key_and_values(key):
+    with pytest.raises(ValueError, match=f'{key}.*"auto", "on", "off"'):
+        build_model(_cfg(f"MODEL.FOCAL_RETINANET.{key}", "yes"))
 
 
 def _losses_and_detections(model):

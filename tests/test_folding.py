@@ -303,3 +303,69 @@ def test_a_bottleneck_block_and_stem_fused_compute_detectron2s(stride):
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert sum(ops.counts[op] for op in RELUS) == 0
     assert ops.counts[RESIDUAL_CONVOLUTION] == 1
+
+
+# NNPACK's Winograd algorithm rounds differently from oneDNN's direct convolution: measured up
+# to 2e-5 of the largest output per 256-channel convolution; on the demo model with a
+# 256-channel FPN, P3's logits and deltas by 3e-6 of their largest value, boxes by 3e-5 px,
+# scores by 1.2e-7 (within the folding tolerances above).
+WINOGRAD_RTOL = 1e-4
+WINOGRAD = "aten._nnpack_spatial_convolution.default"
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_winograd_convolutions_compute_the_convolution(relu):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(256, 64, 3, padding=1)
+    winograd = _PackedConvolution(conv, conv.weight.detach(), conv.bias.detach(), winograd=True)
+    winograd.relu = relu
+    x = torch.randn(2, 256, 40, 44)
+    with torch.no_grad():
+        expected = torch.relu(conv(x)) if relu else conv(x)
+        for image in (x, x.contiguous(memory_format=torch.channels_last)):
+            with _OpCounter() as ops:
+                out = winograd(image)
+            assert ops.counts[WINOGRAD] == 2  # image by image
+            error = (out - expected).abs().max().item()
+            assert 0 < error <= WINOGRAD_RTOL * expected.abs().max().item()
+        # Below 40 x 40 px, oneDNN's direct convolution.
+        with _OpCounter() as ops:
+            winograd(x[..., :39, :40])
+        assert ops.counts[WINOGRAD] == 0
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(128, 256, 3, padding=1),
+        nn.Conv2d(256, 256, 3, padding=1, stride=2),
+        nn.Conv2d(256, 256, 3, padding=2, dilation=2),
+        nn.Conv2d(256, 256, 1),
+    ],
+)
+def test_winograd_only_for_wide_3x3_convolutions_of_stride_1(conv):
+    winograd = _PackedConvolution(conv, conv.weight.detach(), conv.bias.detach(), winograd=True)
+    with torch.no_grad(), _OpCounter() as ops:
+        out = winograd(torch.randn(1, conv.in_channels, 48, 48))
+    assert ops.counts[WINOGRAD] == 0
+    assert out.shape[1] == conv.out_channels
+
+
+def test_winograd_head_gives_the_same_detections():
+    opts = ["MODEL.FPN.OUT_CHANNELS", 256]
+    winograd = _model(True, "BN", *opts, "MODEL.FOCAL_RETINANET.WINOGRAD", "on")
+    direct = _model(True, "BN", *opts, "MODEL.FOCAL_RETINANET.WINOGRAD", "off")
+    g = torch.Generator().manual_seed(2)
+    # Padded to 352 x 384: P3 is 44 x 48, P4 22 x 24.
+    images = [
+        {"image": torch.randint(0, 256, (3, h, w), generator=g).float()}
+        for h, w in ((320, 384), (352, 320))
+    ]
+    with torch.no_grad():
+        with _OpCounter() as ops:
+            ours = winograd(images)
+        reference = direct(images)
+    # P3 only, the head only (not FPN's 256-channel output convolution): per image, the
+    # subnets' 2 x NUM_CONVS convolutions and the two predictors.
+    assert ops.counts[WINOGRAD] == 2 * (2 * 2 + 2)
+    _assert_detections_close(ours, reference)

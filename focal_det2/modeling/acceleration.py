@@ -18,6 +18,8 @@ __all__ = [
     "CHANNELS_LAST_SETTINGS",
     "cpu_bfloat16_support",
     "choose_channels_last",
+    "choose_winograd",
+    "WINOGRAD_SETTINGS",
     "compile_with_fallback",
 ]
 
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: Values of ``MODEL.FOCAL_RETINANET.CHANNELS_LAST``.
 CHANNELS_LAST_SETTINGS = ("auto", "on", "off")
+#: Values of ``MODEL.FOCAL_RETINANET.WINOGRAD``.
+WINOGRAD_SETTINGS = ("auto", "on", "off")
 
 
 def _onednn_has_avx512() -> bool:
@@ -75,6 +79,32 @@ def choose_channels_last(setting: str, device: str, *, training: bool) -> Tuple[
         return True, f"{where}: oneDNN inference, faster in NHWC on AVX2 and AVX-512"
     use = _onednn_has_avx512()
     return use, f"{where}: oneDNN training {'with' if use else 'without'} AVX-512"
+
+
+def choose_winograd(setting: str, device: str) -> Tuple[bool, str]:
+    """
+    Whether inference runs the head's large 3x3 convolutions (>= 256 input channels, maps of
+    >= 40 x 40) by NNPACK's Winograd algorithm on ``device``: about 2.25x fewer multiplications
+    than oneDNN's direct convolution, the same values up to float rounding (relative 2e-5).
+
+    Args:
+        setting: "on", "off", or "auto" (:data:`WINOGRAD_SETTINGS`): "auto" where it pays, a CPU
+            whose oneDNN runs without AVX-512, where it is 1.2-2.4x faster (benchmarks/README.md);
+            with AVX-512 oneDNN's direct kernels are as fast up to 64 x 64 px maps.
+        device: the model's device, e.g. "cpu" or "cuda:0".
+
+    Returns:
+        The choice and the reason for it, for the log.
+    """
+    if not device.startswith("cpu"):
+        return False, f"not a CPU ({device})"
+    if setting != "auto":
+        return setting == "on", f"MODEL.FOCAL_RETINANET.WINOGRAD is {setting!r}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    variable, cap = _onednn_isa_cap()
+    where = f"CPU capability {isa}" + (f", {variable}={cap}" if cap else "")
+    use = isa.startswith("AVX") and not _onednn_has_avx512()
+    return use, f"{where}: oneDNN {'without' if use else 'with'} AVX-512"
 
 
 def cpu_bfloat16_support() -> Tuple[bool, str]:

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from .acceleration import (
     CHANNELS_LAST_SETTINGS,
+    WINOGRAD_SETTINGS,
     choose_channels_last,
+    choose_winograd,
     compile_with_fallback,
     cpu_bfloat16_support,
 )
@@ -72,12 +74,16 @@ def check_focal_config(cfg: CN) -> None:
         _fail("MODEL.FOCAL_RETINANET.OHEM.NMS_THRESH", ohem.NMS_THRESH, "(0, 1]")
     if not (0 < ohem.FG_FRACTION <= 1 or ohem.FG_FRACTION == -1):
         _fail("MODEL.FOCAL_RETINANET.OHEM.FG_FRACTION", ohem.FG_FRACTION, "(0, 1], or -1")
-    if focal.CHANNELS_LAST not in CHANNELS_LAST_SETTINGS:
-        _fail(
-            "MODEL.FOCAL_RETINANET.CHANNELS_LAST",
-            focal.CHANNELS_LAST,
-            ", ".join(f'"{x}"' for x in CHANNELS_LAST_SETTINGS),
-        )
+    for key, settings in (
+        ("CHANNELS_LAST", CHANNELS_LAST_SETTINGS),
+        ("WINOGRAD", WINOGRAD_SETTINGS),
+    ):
+        if focal.get(key) not in settings:
+            _fail(
+                f"MODEL.FOCAL_RETINANET.{key}",
+                focal.get(key),
+                ", ".join(f'"{x}"' for x in settings),
+            )
     if focal.DIAGNOSTICS_PERIOD < 0:
         _fail("MODEL.FOCAL_RETINANET.DIAGNOSTICS_PERIOD", focal.DIAGNOSTICS_PERIOD, ">= 0")
 
@@ -94,6 +100,19 @@ def _channels_last(cfg: CN) -> Dict[str, bool]:
 
 
 _FORMAT = {True: "NHWC", False: "NCHW"}
+
+
+def _winograd_head(cfg: CN) -> bool:
+    focal = cfg.MODEL.FOCAL_RETINANET
+    if not (focal.FOLD_BATCH_NORMS and focal.PACK_CONV_WEIGHTS) or focal.COMPILE:
+        return False  # the head's inference copy is where it runs
+    use, reason = choose_winograd(focal.WINOGRAD, cfg.MODEL.DEVICE)
+    logger.info(
+        "Head's large 3x3 convolutions in inference by %s (%s).",
+        "Winograd (NNPACK)" if use else "direct convolution",
+        reason,
+    )
+    return use
 
 
 def _bfloat16_training(cfg: CN) -> bool:
@@ -137,6 +156,7 @@ class FocalRetinaNet(RetinaNet):
         compile: bool = False,
         fold_batch_norms: bool = True,
         pack_conv_weights: bool = True,
+        winograd_head: bool = False,
         bfloat16_training: bool = False,
         **kwargs,
     ):
@@ -155,6 +175,9 @@ class FocalRetinaNet(RetinaNet):
                 ``compile``, which folds them itself).
             pack_conv_weights: in those copies, on a CPU, give channels-last convolutions their
                 weights packed once for oneDNN (eager PyTorch packs them at every call).
+            winograd_head: in the head's copy, on a CPU, run the 3x3 convolutions with >= 256
+                input channels on maps of >= 40 x 40 by NNPACK's Winograd algorithm (fewer
+                multiplications; the same values up to float rounding).
             bfloat16_training: in training, run the forward on a CPU under autocast to bfloat16
                 (the convolutions; the parameters, their gradients and the losses stay float32).
             kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
@@ -171,6 +194,7 @@ class FocalRetinaNet(RetinaNet):
             compile_with_fallback(self.head, "head")
         self.fold_batch_norms = fold_batch_norms and not compile
         self.pack_conv_weights = pack_conv_weights
+        self.winograd_head = winograd_head
         self.bfloat16_training = bfloat16_training
         # (state signature, backbone, head) of the last folding; not submodules: no state-dict
         # keys, and DDP and optimizers do not see them.
@@ -198,6 +222,7 @@ class FocalRetinaNet(RetinaNet):
             compile=cfg.MODEL.FOCAL_RETINANET.COMPILE,
             fold_batch_norms=cfg.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS,
             pack_conv_weights=cfg.MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS,
+            winograd_head=_winograd_head(cfg),
             bfloat16_training=_bfloat16_training(cfg),
         )
         return ret
@@ -241,9 +266,8 @@ class FocalRetinaNet(RetinaNet):
         if signature is None:
             return self.backbone, self.head
         if self._folded is None or self._folded[0] != signature:
-            backbone, head = (
-                inference_copy(m, self.pack_conv_weights) for m in (self.backbone, self.head)
-            )
+            backbone = inference_copy(self.backbone, self.pack_conv_weights)
+            head = inference_copy(self.head, self.pack_conv_weights, self.winograd_head)
             self._folded = (signature, backbone or self.backbone, head or self.head)
         return self._folded[1:]
 
