@@ -1,11 +1,13 @@
-"""Running train_net.py from the tests."""
+"""Running train_net.py from the tests, the demo config, and counting operators."""
 
+import collections
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from detectron2.config import get_cfg
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from focal_det2 import add_focal_config
 
@@ -109,3 +111,15 @@ TINY_CHECKPOINT_OPTS = (
     "10",
     *SIZE_128,
 )
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators run, by name (e.g. "aten.relu_.default")."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))

@@ -3,7 +3,6 @@ Inference with the batch norms folded into the convolutions (FOLD_BATCH_NORMS) a
 convolutions' weights packed for oneDNN (PACK_CONV_WEIGHTS).
 """
 
-import collections
 import copy
 
 import pytest
@@ -12,11 +11,10 @@ from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from focal_det2.modeling.folding import _PackedConvolution, inference_copy
 
-from helpers import demo_cfg
+from helpers import OpCounter, demo_cfg
 
 # Folded and unfolded float32 convolutions round differently: measured on this model, feature
 # maps differ by up to 3e-6 of their largest value, boxes by 3e-5 px, scores by 2e-7.
@@ -235,18 +233,6 @@ def test_nothing_to_fold_keeps_the_modules(opts):
     assert any(isinstance(m, nn.GroupNorm) for m in backbone.modules())
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the operators run, by name (e.g. "aten.relu_.default")."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 RELUS = ("aten.relu.default", "aten.relu_.default")
 RESIDUAL_CONVOLUTION = "mkldnn._convolution_pointwise.binary"
 
@@ -257,9 +243,9 @@ def test_relus_and_residual_additions_run_in_the_packed_convolutions():
     unpacked = _model(True, "BN", *opts, "MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS", False)
     with torch.no_grad():
         packed(_images())  # each shape is packed at its second call
-        with _OpCounter() as fused_ops:
+        with OpCounter() as fused_ops:
             ours = packed(_images())
-        with _OpCounter() as eager_ops:
+        with OpCounter() as eager_ops:
             reference = unpacked(_images())
     # R18: a stem and 8 residual blocks of 2 ReLUs; the head: NUM_CONVS per subnet and level;
     # FPN's P6 -> P7 starts with a ReLU (before its convolution: not fused).
@@ -298,7 +284,7 @@ def test_a_bottleneck_block_and_stem_fused_compute_detectron2s(stride):
         # NCHW and channels-last inputs; each shape packs at its second call (the first runs
         # the eager fallbacks).
         for image in (x, x, x.contiguous(memory_format=torch.channels_last)):
-            with _OpCounter() as ops:
+            with OpCounter() as ops:
                 out = fused(image)
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert sum(ops.counts[op] for op in RELUS) == 0
@@ -323,13 +309,13 @@ def test_winograd_convolutions_compute_the_convolution(relu):
     with torch.no_grad():
         expected = torch.relu(conv(x)) if relu else conv(x)
         for image in (x, x.contiguous(memory_format=torch.channels_last)):
-            with _OpCounter() as ops:
+            with OpCounter() as ops:
                 out = winograd(image)
             assert ops.counts[WINOGRAD] == 2  # image by image
             error = (out - expected).abs().max().item()
             assert 0 < error <= WINOGRAD_RTOL * expected.abs().max().item()
         # Below 40 x 40 px, oneDNN's direct convolution.
-        with _OpCounter() as ops:
+        with OpCounter() as ops:
             winograd(x[..., :39, :40])
         assert ops.counts[WINOGRAD] == 0
 
@@ -345,7 +331,7 @@ def test_winograd_convolutions_compute_the_convolution(relu):
 )
 def test_winograd_only_for_wide_3x3_convolutions_of_stride_1(conv):
     winograd = _PackedConvolution(conv, conv.weight.detach(), conv.bias.detach(), winograd=True)
-    with torch.no_grad(), _OpCounter() as ops:
+    with torch.no_grad(), OpCounter() as ops:
         out = winograd(torch.randn(1, conv.in_channels, 48, 48))
     assert ops.counts[WINOGRAD] == 0
     assert out.shape[1] == conv.out_channels
@@ -362,7 +348,7 @@ def test_winograd_head_gives_the_same_detections():
         for h, w in ((320, 384), (352, 320))
     ]
     with torch.no_grad():
-        with _OpCounter() as ops:
+        with OpCounter() as ops:
             ours = winograd(images)
         reference = direct(images)
     # P3 only, the head only (not FPN's 256-channel output convolution): per image, the

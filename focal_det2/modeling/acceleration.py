@@ -83,14 +83,16 @@ def choose_channels_last(setting: str, device: str, *, training: bool) -> Tuple[
 
 def choose_winograd(setting: str, device: str) -> Tuple[bool, str]:
     """
-    Whether inference runs the head's large 3x3 convolutions (>= 256 input channels, maps of
-    >= 40 x 40) by NNPACK's Winograd algorithm on ``device``: about 2.25x fewer multiplications
-    than oneDNN's direct convolution, the same values up to float rounding (relative 2e-5).
+    Whether the head's large 3x3 convolutions (>= 256 input channels, maps of >= 40 x 40) run
+    by NNPACK's Winograd algorithm on ``device`` (:mod:`.winograd`), in training and inference:
+    2.25x fewer multiplications than oneDNN's direct convolution, the same values up to float
+    rounding (relative 2e-5).
 
     Args:
         setting: "on", "off", or "auto" (:data:`WINOGRAD_SETTINGS`): "auto" where it pays, a CPU
             whose oneDNN runs without AVX-512, where it is 1.2-2.4x faster (benchmarks/README.md);
-            with AVX-512 oneDNN's direct kernels are as fast up to 64 x 64 px maps.
+            with AVX-512 oneDNN's direct kernels are about as fast (R50-FPN training and
+            inference end to end: -5% to +3%).
         device: the model's device, e.g. "cpu" or "cuda:0".
 
     Returns:

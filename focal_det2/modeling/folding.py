@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from .winograd import winograd_conv2d, winograd_fits, winograd_pays
+
 __all__ = ["inference_copy", "state_signature"]
 
 
@@ -252,11 +254,9 @@ class _PackedConvolution:
     run eager PyTorch's convolution. With ``relu`` (set by :func:`_fuse_activations`), a ReLU
     follows, as a post-op of the packed convolution.
 
-    With ``winograd``, a 3x3 convolution of stride 1 and >= ``_WINOGRAD_MIN_CHANNELS`` input
-    channels runs NNPACK's Winograd algorithm on maps of >= ``_WINOGRAD_MIN_PIXELS``, in either
-    memory format, and returns NCHW (the next such convolution takes it as it is): where oneDNN
-    lacks AVX-512, 1.7-2.4x faster than its direct convolution on a 256-channel 64 x 64 map
-    (benchmarks/README.md); the values differ by rounding (up to 2e-5 of the largest output).
+    With ``winograd``, a convolution that fits :func:`~.winograd.winograd_fits` runs the maps
+    that :func:`~.winograd.winograd_pays` by NNPACK's Winograd algorithm, in either memory
+    format, and returns NCHW (the next such convolution takes it as it is).
     """
 
     def __init__(
@@ -267,25 +267,14 @@ class _PackedConvolution:
         # Input shape -> packed weight, or None when seen once; oldest first.
         self.packed: "OrderedDict[torch.Size, Optional[Tensor]]" = OrderedDict()
         self.relu = False
-        # NNPACK takes the weight in NCHW order. _nnpack_available() also initialises NNPACK,
-        # which its convolution needs first.
-        winograd = winograd and _winograd_fits(conv) and torch._nnpack_available()
-        self.winograd_weight = weight.contiguous() if winograd else None
+        # NNPACK takes the weight in NCHW order.
+        self.winograd_weight = weight.contiguous() if winograd and winograd_fits(conv) else None
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.winograd_weight is not None and _winograd_pays(x):
-            return self._winograd_forward(x)
+        if self.winograd_weight is not None and winograd_pays(x):
+            out = winograd_conv2d(x, self.winograd_weight, self.bias)
+            return F.relu_(out) if self.relu else out
         return self._forward(x, self._packed_weight_for(x))
-
-    def _winograd_forward(self, x: Tensor) -> Tensor:
-        # Image by image: on a batch, NNPACK runs its training algorithm, 4-5x slower here.
-        padding = self.conv_args[0]
-        outs = [
-            torch._nnpack_spatial_convolution(image, self.winograd_weight, self.bias, padding)
-            for image in x.contiguous().split(1)
-        ]
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return F.relu_(out) if self.relu else out
 
     def add_relu(self, x: Tensor, other: Tensor) -> Tensor:
         """``relu(self(x) + other)``, the end of a residual block, in one oneDNN call."""
@@ -341,31 +330,6 @@ class _PackedConvolution:
             self.packed[shape] = packed
         return packed
 
-
-def _winograd_fits(conv: nn.Conv2d) -> bool:
-    return (
-        conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.in_channels >= _WINOGRAD_MIN_CHANNELS
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-    )
-
-
-def _winograd_pays(x: Tensor) -> bool:
-    return (
-        x.dim() == 4
-        and x.numel() > 0
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.shape[-2] * x.shape[-1] >= _WINOGRAD_MIN_PIXELS
-    )
-
-
-_WINOGRAD_MIN_CHANNELS = 256
-_WINOGRAD_MIN_PIXELS = 40 * 40
 
 # Input shapes remembered per convolution: more than the 5 feature levels a head runs on.
 _SHAPES_PER_CONVOLUTION = 8

@@ -30,6 +30,7 @@ from .folding import inference_copy, state_signature
 from .heads import FOCAL_HEAD_REGISTRY, build_focal_head
 from .losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
 from .postprocess import dense_detections
+from .winograd import use_winograd
 
 __all__ = ["FocalRetinaNet", "check_focal_config"]
 
@@ -104,11 +105,11 @@ _FORMAT = {True: "NHWC", False: "NCHW"}
 
 def _winograd_head(cfg: CN) -> bool:
     focal = cfg.MODEL.FOCAL_RETINANET
-    if not (focal.FOLD_BATCH_NORMS and focal.PACK_CONV_WEIGHTS) or focal.COMPILE:
-        return False  # the head's inference copy is where it runs
+    if focal.COMPILE:
+        return False  # inductor generates its own convolutions
     use, reason = choose_winograd(focal.WINOGRAD, cfg.MODEL.DEVICE)
     logger.info(
-        "Head's large 3x3 convolutions in inference by %s (%s).",
+        "Head's large 3x3 convolutions by %s (%s).",
         "Winograd (NNPACK)" if use else "direct convolution",
         reason,
     )
@@ -175,9 +176,10 @@ class FocalRetinaNet(RetinaNet):
                 ``compile``, which folds them itself).
             pack_conv_weights: in those copies, on a CPU, give channels-last convolutions their
                 weights packed once for oneDNN (eager PyTorch packs them at every call).
-            winograd_head: in the head's copy, on a CPU, run the 3x3 convolutions with >= 256
-                input channels on maps of >= 40 x 40 by NNPACK's Winograd algorithm (fewer
-                multiplications; the same values up to float rounding).
+            winograd_head: run the head's 3x3 convolutions with >= 256 input channels on CPU
+                maps of >= 40 x 40 by NNPACK's Winograd algorithm (:mod:`.winograd`), in
+                training and in inference (fewer multiplications; the same values up to float
+                rounding).
             bfloat16_training: in training, run the forward on a CPU under autocast to bfloat16
                 (the convolutions; the parameters, their gradients and the losses stay float32).
             kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
@@ -195,6 +197,8 @@ class FocalRetinaNet(RetinaNet):
         self.fold_batch_norms = fold_batch_norms and not compile
         self.pack_conv_weights = pack_conv_weights
         self.winograd_head = winograd_head
+        if winograd_head:
+            use_winograd(self.head)
         self.bfloat16_training = bfloat16_training
         # (state signature, backbone, head) of the last folding; not submodules: no state-dict
         # keys, and DDP and optimizers do not see them.

@@ -1,0 +1,112 @@
+"""The head's 3x3 convolutions by NNPACK's Winograd algorithm (MODEL.FOCAL_RETINANET.WINOGRAD)."""
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from torch import nn
+from torch.nn import functional as F
+
+from focal_det2.modeling.winograd import use_winograd, winograd_conv2d
+
+from helpers import OpCounter, demo_cfg
+
+WINOGRAD = "aten._nnpack_spatial_convolution.default"
+# Winograd and direct float32 convolutions round differently: measured on one 256-channel
+# convolution, the output and the input's gradient within 1.7e-5 of their largest value (the
+# weight's and bias's gradients are oneDNN's: equal); through the demo model's 256-channel head,
+# losses equal at initialisation, gradients within 7e-5 of each parameter's largest.
+CONV_RTOL = 1e-4
+LOSS_RTOL = 1e-4
+GRAD_RTOL = 5e-4
+
+
+def _assert_close_to_largest(ours, reference, rtol):
+    error = (ours - reference).abs().max().item()
+    assert error <= rtol * reference.abs().max().item(), error
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_convolution_and_its_gradients_are_the_convolutions(bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, 40, 48, generator=g).requires_grad_()
+    weight = (torch.randn(64, 256, 3, 3, generator=g) * 0.05).requires_grad_()
+    b = torch.randn(64, generator=g).requires_grad_() if bias else None
+    upstream = torch.randn(2, 64, 40, 48, generator=g)
+    inputs = [x, weight] + ([b] if bias else [])
+    with OpCounter() as ops:
+        ours = winograd_conv2d(x, weight, b)
+        ours_grads = torch.autograd.grad(ours, inputs, upstream)
+    reference = F.conv2d(x, weight, b, padding=1)
+    reference_grads = torch.autograd.grad(reference, inputs, upstream)
+    # Image by image, forward and the input's gradient.
+    assert ops.counts[WINOGRAD] == 2 * 2
+    _assert_close_to_largest(ours, reference, CONV_RTOL)
+    for mine, theirs in zip(ours_grads, reference_grads, strict=True):
+        _assert_close_to_largest(mine, theirs, CONV_RTOL)
+    assert not torch.equal(ours, reference)  # another algorithm, not the same kernel
+
+
+def _model(winograd: str):
+    # The paper's head (no norm) on a 256-channel FPN.
+    cfg = demo_cfg(
+        "MODEL.FPN.OUT_CHANNELS",
+        256,
+        "MODEL.RETINANET.NORM",
+        "",
+        "MODEL.FOCAL_RETINANET.WINOGRAD",
+        winograd,
+    )
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    batch = []
+    # Padded to 352 x 384: P3 44 x 48 (Winograd), P4 22 x 24 (direct).
+    for (h, w), box in (((320, 384), [30.0, 40.0, 150.0, 160.0]), ((352, 320), [60, 20, 300, 90])):
+        instances = Instances((h, w))
+        instances.gt_boxes = Boxes(torch.tensor([box]))
+        instances.gt_classes = torch.tensor([4])
+        image = torch.randint(0, 256, (3, h, w), generator=g).float()
+        batch.append({"image": image, "instances": instances})
+    return batch
+
+
+def test_a_winograd_head_trains_as_the_direct_one():
+    winograd, direct = _model("on"), _model("off")
+    keys = list(direct.state_dict())
+    assert list(winograd.state_dict()) == keys
+    assert [type(m) for m in winograd.modules()] == [type(m) for m in direct.modules()]
+    losses = {}
+    for name, model in (("winograd", winograd), ("direct", direct)):
+        model.train()
+        with EventStorage(0), OpCounter() as ops:
+            loss_dict = model(_batch())
+            sum(loss_dict.values()).backward()
+        losses[name] = loss_dict
+        # P3 only: per image, the subnets' 2 x NUM_CONVS convolutions and the two predictors,
+        # forward and the input's gradient.
+        assert ops.counts[WINOGRAD] == (2 * 2 * (2 * 2 + 2) if name == "winograd" else 0)
+    for key, value in losses["direct"].items():
+        torch.testing.assert_close(losses["winograd"][key], value, rtol=LOSS_RTOL, atol=0)
+    parameters = dict(direct.named_parameters())
+    for name, parameter in winograd.named_parameters():
+        if parameter.grad is not None:
+            _assert_close_to_largest(parameter.grad, parameters[name].grad, GRAD_RTOL)
+
+
+def test_only_fitting_convolutions_take_winograd():
+    module = nn.Sequential(
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.Conv2d(128, 256, 3, padding=1),
+        nn.Conv2d(256, 256, 3, padding=1, stride=2),
+        nn.Conv2d(256, 256, 1),
+    )
+    assert use_winograd(module) == [module[0]]
+    with torch.no_grad(), OpCounter() as ops:
+        module[0](torch.randn(1, 256, 39, 40))  # below 40 x 40 px: direct
+        module[0](torch.randn(1, 256, 40, 40))
+    assert ops.counts[WINOGRAD] == 1
