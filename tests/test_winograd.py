@@ -110,3 +110,17 @@ def test_only_fitting_convolutions_take_winograd():
         module[0](torch.randn(1, 256, 39, 40))  # below 40 x 40 px: direct
         module[0](torch.randn(1, 256, 40, 40))
     assert ops.counts[WINOGRAD] == 1
+
+
+def test_exported_graphs_keep_the_standard_convolution():
+    model = _model("on").eval()
+    features = [torch.randn(1, 256, 48 // 2**i, 56 // 2**i) for i in range(5)]
+    with torch.no_grad(), OpCounter() as ops:
+        eager = model.head(features)
+    assert ops.counts[WINOGRAD] == 2 * 2 + 2
+    program = torch.export.export(model.head, (features,))
+    assert "nnpack" not in str(program.graph)
+    exported = program.module()(features)
+    for ours, reference in zip(exported, eager, strict=True):
+        for x, y in zip(ours, reference, strict=True):
+            _assert_close_to_largest(x, y, CONV_RTOL)

@@ -109,7 +109,8 @@ class _WinogradConv2d(torch.autograd.Function):
 
 
 def _winograd_or_direct(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    if winograd_pays(x):
+    # Traced graphs (torch.export, ONNX) keep the standard convolution.
+    if winograd_pays(x) and not torch.compiler.is_compiling():
         return winograd_conv2d(x, conv.weight, conv.bias)
     return conv._conv_forward(x, conv.weight, conv.bias)
 
