@@ -110,6 +110,10 @@ def test_only_fitting_convolutions_take_winograd():
         module[0](torch.randn(1, 256, 39, 40))  # below 40 x 40 px: direct
         module[0](torch.randn(1, 256, 40, 40))
     assert ops.counts[WINOGRAD] == 1
+    # Under autocast, the convolution autocast lowers to bfloat16.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OpCounter() as ops:
+        out = module[0](torch.randn(1, 256, 40, 40))
+    assert ops.counts[WINOGRAD] == 0 and out.dtype == torch.bfloat16
 
 
 def test_exported_graphs_keep_the_standard_convolution():

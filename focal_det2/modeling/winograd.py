@@ -109,8 +109,12 @@ class _WinogradConv2d(torch.autograd.Function):
 
 
 def _winograd_or_direct(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    # Traced graphs (torch.export, ONNX) keep the standard convolution.
-    if winograd_pays(x) and not torch.compiler.is_compiling():
+    # Traced graphs (torch.export, ONNX) keep the standard convolution, autocast its own.
+    if (
+        winograd_pays(x)
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
         return winograd_conv2d(x, conv.weight, conv.bias)
     return conv._conv_forward(x, conv.weight, conv.bias)
 
