@@ -10,7 +10,7 @@ from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.modeling.meta_arch.retinanet import RetinaNet, permute_to_N_HWA_K
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
@@ -134,6 +134,23 @@ def test_iou_box_losses_match_detectron2(box_reg_loss_type):
     for name in ("head.bbox_pred.weight", "head.bbox_pred.bias"):
         error = (our_grads[name] - ref_grads[name]).abs().max().item()
         assert error <= GRAD_RTOL * ref_grads[name].abs().max().item() + GRAD_ATOL, (name, error)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_dense_predictions_are_transposed_as_detectron2_does(memory_format):
+    _, ours = build_pair()
+    g = torch.Generator().manual_seed(3)
+    predictions = [
+        [
+            torch.randn(2, 9 * dim, h, w, generator=g).contiguous(memory_format=memory_format)
+            for h, w in ((6, 5), (3, 3))
+        ]
+        for dim in (80, 4)
+    ]
+    transposed = ours._transpose_dense_predictions(predictions, [80, 4])
+    for ours_maps, maps, dim in zip(transposed, predictions, (80, 4), strict=True):
+        for x, y in zip(ours_maps, maps, strict=True):
+            assert torch.equal(x, permute_to_N_HWA_K(y, dim))
 
 
 def test_channels_last_is_only_a_memory_format():
@@ -332,7 +349,8 @@ def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
     g = torch.Generator().manual_seed(0)
     k, thresh = 50, 0.0
     # About half of the pairs pass; the first two levels are large enough to be sampled.
-    levels = [torch.randn(2, n, generator=g) for n in (3 * 64 * k, 64 * k, 500)]
+    sampled = postprocess._SAMPLED_PAIRS_PER_TOPK * k
+    levels = [torch.randn(2, n, generator=g) for n in (3 * sampled, sampled, 500)]
     if layout == "sampled_pairs_largest":
         # The sample then overestimates the bound: fewer than k pairs above it, so the
         # threshold itself must be used.
@@ -357,7 +375,7 @@ def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
 def test_passing_pairs_beside_nan_samples_and_without_top_k():
     g = torch.Generator().manual_seed(0)
     k = 5
-    ranked = torch.rand(2, 64 * k * 4, generator=g)
+    ranked = torch.rand(2, postprocess._SAMPLED_PAIRS_PER_TOPK * k * 4, generator=g)
     # Image 0: NaN at every sampled pair, 20 pairs above the threshold; image 1 raises its bound.
     ranked[0] = 0.0
     ranked[0, :: postprocess._SAMPLE_STRIDE] = float("nan")

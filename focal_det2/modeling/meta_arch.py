@@ -176,8 +176,8 @@ class FocalRetinaNet(RetinaNet):
                 ``compile``, which folds them itself).
             pack_conv_weights: in those copies, on a CPU, give channels-last convolutions their
                 weights packed once for oneDNN (eager PyTorch packs them at every call).
-            winograd_head: run the head's 3x3 convolutions with >= 256 input channels on CPU
-                maps of >= 40 x 40 by NNPACK's Winograd algorithm (:mod:`.winograd`), in
+            winograd_head: run the head's 3x3 convolutions with >= 256 channels on CPU maps
+                of >= 40 x 40 by NNPACK's Winograd algorithm (:mod:`.winograd`), in
                 training and in inference (fewer multiplications; the same values up to float
                 rounding).
             bfloat16_training: in training, run the forward on a CPU under autocast to bfloat16
@@ -198,7 +198,9 @@ class FocalRetinaNet(RetinaNet):
         self.pack_conv_weights = pack_conv_weights
         self.winograd_head = winograd_head
         if winograd_head:
-            use_winograd(self.head)
+            logger.info(
+                "Winograd (NNPACK) for %d of the head's convolutions.", len(use_winograd(self.head))
+            )
         self.bfloat16_training = bfloat16_training
         # (state signature, backbone, head) of the last folding; not submodules: no state-dict
         # keys, and DDP and optimizers do not see them.
@@ -317,10 +319,14 @@ class FocalRetinaNet(RetinaNet):
         """
         Detectron2's, for the head's outputs: its callers ask for ``num_classes`` values per
         anchor, the head predicts ``num_logits`` (K + 1 for a loss with a background logit).
+        Each (N, A*D, H, W) map becomes (N, H*W*A, D), the same order as Detectron2's
+        ``permute_to_N_HWA_K``, in 2 operations instead of 3 (a view of a channels-last map).
         """
-        return super()._transpose_dense_predictions(
-            predictions, [self.num_logits, *dims_per_anchor[1:]]
-        )
+        dims = [self.num_logits, *dims_per_anchor[1:]]
+        return [
+            [x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, dim) for x in level_predictions]
+            for level_predictions, dim in zip(predictions, dims)
+        ]
 
     @torch.no_grad()
     def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):

@@ -173,8 +173,9 @@ def _pairs_above_bounds(ranked: Tensor, thresh: float, k: int) -> Tuple[Tensor, 
 
 
 # Levels of at least this many pairs per top-k raise their bound from a sample of their pairs,
-# one in _SAMPLE_STRIDE.
-_SAMPLED_PAIRS_PER_TOPK = 64
+# one in _SAMPLE_STRIDE. Smaller ones (the demo's P3: 155k pairs for k = 1000) are compared
+# whole: 6 operations less when few pass, a few ms more at most when half of them do.
+_SAMPLED_PAIRS_PER_TOPK = 256
 _SAMPLE_STRIDE = 61
 
 

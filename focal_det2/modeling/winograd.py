@@ -1,9 +1,10 @@
 """
 3x3 convolutions by NNPACK's Winograd algorithm (F(6x6, 3x3), in torch's CPU build): 2.25x
 fewer multiplications than a direct convolution, the same values up to float rounding (up to
-2e-5 of the largest output). Where oneDNN runs without AVX-512 it is 1.7-2.4x faster than
+2e-5 of the largest output). Where oneDNN runs without AVX-512 it is 1.2-2.4x faster than
 oneDNN's direct convolution on the RetinaNet head's 256-channel maps of 40 x 40 and more
-(``MODEL.FOCAL_RETINANET.WINOGRAD``, benchmarks/README.md); with AVX-512 about as fast.
+(1.7-2.4x from 64 x 64; ``MODEL.FOCAL_RETINANET.WINOGRAD``, benchmarks/README.md); with
+AVX-512 about as fast.
 
 NNPACK takes NCHW maps and runs one image at a time (on a batch it picks its training
 algorithm, 4-5x slower here); its output is NCHW, which the next such convolution takes as it
@@ -16,17 +17,24 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 __all__ = ["winograd_fits", "winograd_pays", "winograd_conv2d", "use_winograd"]
 
-# Convolutions with fewer input channels, or on smaller maps, are faster direct (measured per
+# Convolutions with fewer input or output channels (the box predictor's 36; an input gradient
+# then has as few input channels), or on smaller maps, are faster direct (measured per
 # convolution, benchmarks/README.md).
 _MIN_CHANNELS = 256
 _MIN_PIXELS = 40 * 40
 
 
 def winograd_fits(conv: nn.Conv2d) -> bool:
-    """Whether ``conv`` is a convolution that NNPACK's Winograd path computes and that pays."""
+    """
+    Whether ``conv`` is a convolution that NNPACK's Winograd path computes and that pays: 3x3,
+    stride 1, padding 1, >= 256 input and output channels, nothing after it (Detectron2's
+    ``Conv2d`` without ``norm`` and ``activation``).
+    """
     return (
         conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
@@ -35,6 +43,9 @@ def winograd_fits(conv: nn.Conv2d) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and conv.in_channels >= _MIN_CHANNELS
+        and conv.out_channels >= _MIN_CHANNELS
+        and getattr(conv, "norm", None) is None
+        and getattr(conv, "activation", None) is None
         and torch._nnpack_available()
     )
 
@@ -55,6 +66,8 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
     ``F.conv2d(x, weight, bias, padding=1)`` of a 3x3 ``weight`` by Winograd, NCHW out; with
     gradients where they are needed.
     """
+    if x.shape[0] == 0:
+        return F.conv2d(x, weight, bias, padding=1)
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
@@ -83,6 +96,7 @@ class _WinogradConv2d(torch.autograd.Function):
         return _per_image(x, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
@@ -109,11 +123,12 @@ class _WinogradConv2d(torch.autograd.Function):
 
 
 def _winograd_or_direct(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    # Traced graphs (torch.export, ONNX) keep the standard convolution, autocast its own.
+    # Traced graphs (torch.export, ONNX) keep the standard convolution, without a guard on
+    # the map's size (asked first); autocast its own.
     if (
-        winograd_pays(x)
-        and not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(x.device.type)
+        and winograd_pays(x)
     ):
         return winograd_conv2d(x, conv.weight, conv.bias)
     return conv._conv_forward(x, conv.weight, conv.bias)
