@@ -8,7 +8,7 @@ for each CPU instruction set asked for.
 The models are built from Detectron2's ``COCO-Detection/retinanet_R_50_FPN_1x.yaml`` (R50-FPN,
 80 classes): FocalRetinaNet with the plugin's defaults (``MODEL.FOCAL_RETINANET.CHANNELS_LAST
 "auto"``: the row names the formats it picked for training and inference, and
-``MODEL.FOCAL_RETINANET.WINOGRAD "auto"``: ", Winograd head" where it picked it), with each memory
+``MODEL.FOCAL_RETINANET.WINOGRAD "auto"``: ", Winograd" where it picked it), with each memory
 format forced, compiled (``MODEL.FOCAL_RETINANET.COMPILE True``, default memory format), and on
 CPU with ``SOLVER.AMP.ENABLED`` (training forward in bfloat16 autocast, where oneDNN runs it in
 hardware; its inference is the default's, not timed again); the weights are copied so that all
@@ -19,7 +19,9 @@ untimed warm-up steps of the phase (the first call is reported apart: it include
 compilations, and the default model's change of memory format). The speed-up is the median over
 repetitions of the ratio of Detectron2's time to the model's in the same repetition, which
 cancels the slow drifts of a shared machine. Peak memory: the growth of PyTorch's allocations
-during one extra step.
+during one extra step (after one more, on CPU, that lets the profiler see the previous step's
+gradients freed: before 2026-12-03 the CPU peaks counted them as never freed, +144 MiB for
+R50-FPN in every row).
 
 On CPU, each entry of ``--isa`` runs in a child process with ``ONEDNN_MAX_CPU_ISA`` set to it
 ("native": unset), so one invocation measures e.g. an AVX-512 machine as it is and as an
@@ -30,8 +32,6 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
-import sys
 import time
 from typing import Callable, Dict, List
 
@@ -49,7 +49,7 @@ from focal_det2.modeling.acceleration import (
     cpu_bfloat16_support,
 )
 
-from common import isa_environment, load, machine, peak_bytes, sync
+from common import add_isa_argument, load, machine, peak_bytes, run_isa_child, sync
 
 REFERENCE = "Detectron2 RetinaNet"
 # Timed in training only: its inference is the default model's (float32).
@@ -74,7 +74,7 @@ def build_models(device: str) -> Dict[str, torch.nn.Module]:
         )
         for mode in ("training", "inference")
     }
-    winograd = ", Winograd head" if choose_winograd("auto", device)[0] else ""
+    winograd = ", Winograd" if choose_winograd("auto", device)[0] else ""
     default = f"{auto['training']} training, {auto['inference']} inference{winograd}"
     variants = {
         f"FocalRetinaNet (default: {default})": [],
@@ -168,7 +168,10 @@ def measure(args) -> dict:
                     "min": min(values),
                     "max": max(values),
                     "speed_up": statistics.median(r / v for r, v in zip(reference, values)),
-                    "peak_mib": peak_bytes(lambda: fn(models[name], batch), args.device) / 2**20,
+                    "peak_mib": peak_bytes(
+                        lambda: fn(models[name], batch), args.device, repeated=True
+                    )
+                    / 2**20,
                 }
             )
     return {
@@ -178,27 +181,13 @@ def measure(args) -> dict:
     }
 
 
-def run_child(args, isa: str) -> dict:
-    command = [sys.executable, __file__, "--child", "--device", args.device]
-    command += ["--size", str(args.size), "--reps", str(args.reps), "--warmup", str(args.warmup)]
-    out = subprocess.run(
-        command, env=isa_environment(isa), check=True, stdout=subprocess.PIPE, text=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument(
-        "--isa",
-        default="native,AVX2",
-        help="comma-separated ONEDNN_MAX_CPU_ISA values, one child process each (CPU only)",
-    )
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_isa_argument(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args)))
@@ -210,7 +199,9 @@ def main() -> None:
     print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"- 2 images of {args.size}x{args.size}, 6 boxes each; {args.reps} reps, order rotated")
     print(f"  after {args.warmup} warm-up steps; times in s; peak: allocation growth in MiB")
-    results = {isa: run_child(args, isa) for isa in isas}
+    arguments = ["--device", args.device, "--size", str(args.size), "--reps", str(args.reps)]
+    arguments += ["--warmup", str(args.warmup)]
+    results = {isa: run_isa_child(__file__, arguments, isa) for isa in isas}
     for isa, result in results.items():
         print(f"- ISA {isa}: {result['machine']}; load average {result['load']}")
     print()

@@ -1,8 +1,12 @@
 """Helpers shared by the benchmarks: the machine's description, load, and peak memory."""
 
+import argparse
+import json
 import os
 import platform
-from typing import Callable, Dict
+import subprocess
+import sys
+from typing import Callable, Dict, List
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -13,11 +17,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_bytes(run: Callable[[], None], device: str) -> int:
+def peak_bytes(run: Callable[[], None], device: str, repeated: bool = False) -> int:
     """
     Peak bytes allocated by PyTorch during ``run()`` above what was allocated before it. CUDA:
     ``torch.cuda.max_memory_allocated``. CPU: the CPU allocator reports every allocation and
-    free to the profiler (``profile_memory=True``); the events are replayed in time order.
+    free to the profiler (``profile_memory=True``); the events are replayed in time order. It
+    reports the free of a block only if it saw its allocation while profiling: for a
+    ``repeated`` run (a training step), ``run`` goes once profiled before the measured run, so
+    that the tensors a run leaves alive and the next one frees (the parameters' gradients, by
+    ``zero_grad``) count as freed there, as they are in training.
     """
     if device == "cuda":
         torch.cuda.synchronize()
@@ -26,6 +34,9 @@ def peak_bytes(run: Callable[[], None], device: str) -> int:
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    if repeated:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+            run()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     events = [
@@ -76,3 +87,25 @@ def load() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def add_isa_argument(parser: argparse.ArgumentParser) -> None:
+    """``--isa`` (measured in one child process each) and the children's hidden ``--child``."""
+    parser.add_argument(
+        "--isa",
+        default="native,AVX2",
+        help="comma-separated ONEDNN_MAX_CPU_ISA values, one child process each (CPU only)",
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+
+def run_isa_child(script: str, arguments: List[str], isa: str) -> dict:
+    """The JSON that ``script --child ARGUMENTS`` prints last, run limited to oneDNN's ``isa``."""
+    out = subprocess.run(
+        [sys.executable, script, "--child", *arguments],
+        env=isa_environment(isa),
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])

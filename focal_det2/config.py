@@ -65,11 +65,12 @@ def add_focal_config(cfg: CN) -> None:
     # ResNet block's residual addition) after them as oneDNN post-ops: the same kernel and the
     # same results, faster (README: Deploy).
     _C.MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS = True
-    # The head's 3x3 convolutions with >= 256 input and output channels, on CPU maps of >= 40 x 40
-    # (P3, and P4 from 640 px), run NNPACK's Winograd algorithm in training and inference, "auto",
-    # "on" or "off": 2.25x fewer multiplications (the input's gradient too), the same results up
-    # to float rounding (relative 2e-5 per convolution). "auto": where oneDNN runs without
-    # AVX-512 (AVX2 CPUs, or ONEDNN_MAX_CPU_ISA=AVX2), where it is faster; logged at build.
+    # The 3x3 convolutions of the head and the FPN's output with >= 256 input and output
+    # channels run Winograd's algorithms on large CPU maps, "auto", "on" or "off": forward and
+    # the input's gradient by NNPACK from 40 x 40 (P3, and P4 from 640 px), the weight's gradient
+    # from 32 x 32; 4-5x fewer multiplications, the same results up to float rounding (relative
+    # 2e-5 per convolution). "auto": where oneDNN runs without AVX-512 (AVX2 CPUs, or
+    # ONEDNN_MAX_CPU_ISA=AVX2), where it is faster; logged at build.
     _C.MODEL.FOCAL_RETINANET.WINOGRAD = "auto"
     # Per-class alpha of the classification loss (every loss with an alpha): one float in
     # [0, 1] per class (MODEL.RETINANET.NUM_CLASSES values), weighting the positives of class k

@@ -8,16 +8,18 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.nn import functional as F
 
+from focal_det2.modeling import winograd
 from focal_det2.modeling.winograd import use_winograd, winograd_conv2d
 
 from helpers import OpCounter, demo_cfg
 
 WINOGRAD = "aten._nnpack_spatial_convolution.default"
 pytestmark = pytest.mark.skipif(not torch._nnpack_available(), reason="torch without NNPACK")
+WEIGHT_GRADIENT = "aten.bmm.default"  # the F(4x4, 3x3) weight gradient's one batched product
 # Winograd and direct float32 convolutions round differently: measured on one 256-channel
-# convolution, the output and the input's gradient within 1.7e-5 of their largest value (the
-# weight's and bias's gradients are oneDNN's: equal); through the demo model's 256-channel head,
-# losses equal at initialisation, gradients within 7e-5 of each parameter's largest.
+# convolution, the output and the input's gradient within 1.7e-5 of their largest value, the
+# weight's within 7e-6; through the demo model's 256-channel head, losses equal at
+# initialisation, gradients within 7e-5 of each parameter's largest.
 CONV_RTOL = 1e-4
 LOSS_RTOL = 1e-4
 GRAD_RTOL = 5e-4
@@ -41,12 +43,60 @@ def test_winograd_convolution_and_its_gradients_are_the_convolutions(bias):
         ours_grads = torch.autograd.grad(ours, inputs, upstream)
     reference = F.conv2d(x, weight, b, padding=1)
     reference_grads = torch.autograd.grad(reference, inputs, upstream)
-    # Image by image, forward and the input's gradient.
+    # Image by image, forward and the input's gradient; the weight's in one product.
     assert ops.counts[WINOGRAD] == 2 * 2
+    assert ops.counts[WEIGHT_GRADIENT] == 1
     _assert_close_to_largest(ours, reference, CONV_RTOL)
     for mine, theirs in zip(ours_grads, reference_grads, strict=True):
         _assert_close_to_largest(mine, theirs, CONV_RTOL)
-    assert not torch.equal(ours, reference)  # another algorithm, not the same kernel
+    # Other algorithms, not the same kernels.
+    assert not torch.equal(ours, reference)
+    assert not torch.equal(ours_grads[1], reference_grads[1])
+
+
+@pytest.mark.parametrize(
+    "shape, tiles, products",
+    [
+        ((2, 24, 33, 45), 256, 1),  # 9 x 12 tiles per image: both images in one product
+        ((3, 24, 33, 45), 108, 3),  # one image per product: sums across products
+        ((2, 24, 33, 45), 30, 10),  # bands of 2 tile rows (the last of 1) per product
+        ((2, 24, 5, 3), 256, 1),  # smaller than one tile
+    ],
+)
+def test_weight_gradient_by_tiles_is_the_convolutions(shape, tiles, products, monkeypatch):
+    # F(4x4, 3x3) backpropagated: any size (partial tiles at the right and bottom edges).
+    monkeypatch.setattr(winograd, "_TILES_PER_PRODUCT", tiles)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    weight = torch.randn(40, shape[1], 3, 3, generator=g)
+    upstream = torch.randn(shape[0], 40, *shape[2:], generator=g)
+    reference = torch.ops.aten.convolution_backward(
+        upstream, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1]
+    with OpCounter() as ops:
+        ours = winograd._weight_gradient(x, upstream)
+    assert ops.counts[WEIGHT_GRADIENT] + ops.counts["aten.baddbmm_.default"] == products
+    _assert_close_to_largest(ours, reference, CONV_RTOL)
+
+
+def test_maps_too_small_for_nnpack_take_only_the_weight_gradient_by_winograd():
+    conv = nn.Conv2d(256, 256, 3, padding=1)
+    assert use_winograd(conv) == [conv]
+    x = torch.randn(2, 256, 33, 36, requires_grad=True)  # 1,188 px: >= 32 x 32, < 40 x 40
+    with OpCounter() as ops:
+        conv(x).sum().backward()
+    assert ops.counts[WINOGRAD] == 0 and ops.counts[WEIGHT_GRADIENT] == 1
+    reference = nn.Conv2d(256, 256, 3, padding=1)
+    reference.load_state_dict(conv.state_dict())
+    reference(x.detach()).sum().backward()
+    _assert_close_to_largest(conv.weight.grad, reference.weight.grad, CONV_RTOL)
+    torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
+    # Without gradients, or below 32 x 32, the direct convolution alone.
+    with OpCounter() as ops:
+        with torch.no_grad():
+            conv(x)
+        conv(torch.randn(2, 256, 31, 33, requires_grad=True)).sum().backward()
+    assert ops.counts[WINOGRAD] == 0 and ops.counts[WEIGHT_GRADIENT] == 0
 
 
 def _model(winograd: str):
@@ -88,9 +138,12 @@ def test_a_winograd_head_trains_as_the_direct_one():
             loss_dict = model(_batch())
             sum(loss_dict.values()).backward()
         losses[name] = loss_dict
-        # P3 only: per image, the subnets' 2 x NUM_CONVS convolutions (the predictors have
-        # < 256 outputs here), forward and the input's gradient.
-        assert ops.counts[WINOGRAD] == (2 * 2 * 2 * 2 if name == "winograd" else 0)
+        # P3 only (P4's 22 x 24 px are too small for either): per image, the FPN's output
+        # convolution and the subnets' 2 x NUM_CONVS (the predictors have < 256 outputs here),
+        # forward and the input's gradient; their weights' gradients, one product each.
+        fitting = 1 + 2 * 2 if name == "winograd" else 0
+        assert ops.counts[WINOGRAD] == fitting * 2 * 2
+        assert ops.counts[WEIGHT_GRADIENT] == fitting
     for key, value in losses["direct"].items():
         torch.testing.assert_close(losses["winograd"][key], value, rtol=LOSS_RTOL, atol=0)
     parameters = dict(direct.named_parameters())

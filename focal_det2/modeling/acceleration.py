@@ -83,9 +83,9 @@ def choose_channels_last(setting: str, device: str, *, training: bool) -> Tuple[
 
 def choose_winograd(setting: str, device: str) -> Tuple[bool, str]:
     """
-    Whether the head's large 3x3 convolutions (>= 256 channels, maps of >= 40 x 40) run
-    by NNPACK's Winograd algorithm on ``device`` (:mod:`.winograd`), in training and inference:
-    2.25x fewer multiplications than oneDNN's direct convolution, the same values up to float
+    Whether the large 3x3 convolutions of the head and the FPN (>= 256 channels) run by
+    Winograd's algorithms on ``device`` (:mod:`.winograd`), in training and inference: 4-5x
+    fewer multiplications than oneDNN's direct convolution, the same values up to float
     rounding (relative 2e-5).
 
     Args:

@@ -11,7 +11,7 @@ Inference copies of the backbone and the head:
   oneDNN post-ops (:func:`_fuse_activations`): one pass over the feature map less each, the
   same values;
 - optionally (the head's copy where oneDNN lacks AVX-512), with the 3x3 convolutions of >= 256
-  input channels on maps of >= 40 x 40 run by NNPACK's Winograd algorithm (F(6x6, 3x3)): 2.25x
+  input channels on maps of >= 40 x 40 run by NNPACK's Winograd algorithm (F(6x6, 3x3)): 5x
   fewer multiplications than oneDNN's direct convolution, the same values up to rounding.
 
 The copies share every tensor that folding does not change.

@@ -103,13 +103,13 @@ def _channels_last(cfg: CN) -> Dict[str, bool]:
 _FORMAT = {True: "NHWC", False: "NCHW"}
 
 
-def _winograd_head(cfg: CN) -> bool:
+def _winograd(cfg: CN) -> bool:
     focal = cfg.MODEL.FOCAL_RETINANET
     if focal.COMPILE:
         return False  # inductor generates its own convolutions
     use, reason = choose_winograd(focal.WINOGRAD, cfg.MODEL.DEVICE)
     logger.info(
-        "Head's large 3x3 convolutions by %s (%s).",
+        "Large 3x3 convolutions of the FPN and the head by %s (%s).",
         "Winograd (NNPACK)" if use else "direct convolution",
         reason,
     )
@@ -157,7 +157,7 @@ class FocalRetinaNet(RetinaNet):
         compile: bool = False,
         fold_batch_norms: bool = True,
         pack_conv_weights: bool = True,
-        winograd_head: bool = False,
+        winograd: bool = False,
         bfloat16_training: bool = False,
         **kwargs,
     ):
@@ -176,10 +176,11 @@ class FocalRetinaNet(RetinaNet):
                 ``compile``, which folds them itself).
             pack_conv_weights: in those copies, on a CPU, give channels-last convolutions their
                 weights packed once for oneDNN (eager PyTorch packs them at every call).
-            winograd_head: run the head's 3x3 convolutions with >= 256 channels on CPU maps
-                of >= 40 x 40 by NNPACK's Winograd algorithm (:mod:`.winograd`), in
-                training and in inference (fewer multiplications; the same values up to float
-                rounding).
+            winograd: run the 3x3 convolutions of the head and the FPN's output ones (>= 256
+                channels, no norm) by Winograd's algorithms on large CPU maps
+                (:mod:`.winograd`; fewer multiplications, the same values up to float
+                rounding); the FPN's stay direct in the folded inference copy where their
+                weights are packed for oneDNN.
             bfloat16_training: in training, run the forward on a CPU under autocast to bfloat16
                 (the convolutions; the parameters, their gradients and the losses stay float32).
             kwargs: the arguments of Detectron2's :class:`RetinaNet`, except the focal-loss ones.
@@ -196,10 +197,12 @@ class FocalRetinaNet(RetinaNet):
             compile_with_fallback(self.head, "head")
         self.fold_batch_norms = fold_batch_norms and not compile
         self.pack_conv_weights = pack_conv_weights
-        self.winograd_head = winograd_head
-        if winograd_head:
+        self.winograd = winograd
+        if winograd:
             logger.info(
-                "Winograd (NNPACK) for %d of the head's convolutions.", len(use_winograd(self.head))
+                "Winograd for %d of the FPN's and %d of the head's convolutions.",
+                len(use_winograd(self.backbone)),
+                len(use_winograd(self.head)),
             )
         self.bfloat16_training = bfloat16_training
         # (state signature, backbone, head) of the last folding; not submodules: no state-dict
@@ -228,7 +231,7 @@ class FocalRetinaNet(RetinaNet):
             compile=cfg.MODEL.FOCAL_RETINANET.COMPILE,
             fold_batch_norms=cfg.MODEL.FOCAL_RETINANET.FOLD_BATCH_NORMS,
             pack_conv_weights=cfg.MODEL.FOCAL_RETINANET.PACK_CONV_WEIGHTS,
-            winograd_head=_winograd_head(cfg),
+            winograd=_winograd(cfg),
             bfloat16_training=_bfloat16_training(cfg),
         )
         return ret
@@ -273,7 +276,7 @@ class FocalRetinaNet(RetinaNet):
             return self.backbone, self.head
         if self._folded is None or self._folded[0] != signature:
             backbone = inference_copy(self.backbone, self.pack_conv_weights)
-            head = inference_copy(self.head, self.pack_conv_weights, self.winograd_head)
+            head = inference_copy(self.head, self.pack_conv_weights, self.winograd)
             self._folded = (signature, backbone or self.backbone, head or self.head)
         return self._folded[1:]
 

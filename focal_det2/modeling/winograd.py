@@ -1,32 +1,84 @@
 """
-3x3 convolutions by NNPACK's Winograd algorithm (F(6x6, 3x3), in torch's CPU build): 2.25x
-fewer multiplications than a direct convolution, the same values up to float rounding (up to
-2e-5 of the largest output). Where oneDNN runs without AVX-512 it is 1.2-2.4x faster than
-oneDNN's direct convolution on the RetinaNet head's 256-channel maps of 40 x 40 and more
-(1.7-2.4x from 64 x 64; ``MODEL.FOCAL_RETINANET.WINOGRAD``, benchmarks/README.md); with
-AVX-512 about as fast.
+3x3 convolutions by Winograd's minimal filtering algorithms: the same values up to float rounding
+(within 2e-5 of the largest output or gradient), fewer multiplications. Forward and the
+input's gradient by NNPACK's F(6x6, 3x3) (in torch's CPU build; 5.1x fewer multiplications);
+the weight's gradient, which NNPACK lacks, by F(4x4, 3x3) of Lavin & Gray ("Fast Algorithms
+for Convolutional Neural Networks", 2016; 4x fewer) written in PyTorch ops here: the input's
+6 x 6 tiles and the output gradient's 4 x 4 tiles are transformed by small fixed convolutions,
+their 36 transformed positions multiplied by one batched matrix product that sums over images
+and tiles, and the 6 x 6 result folded back to 3 x 3. Where oneDNN runs without AVX-512, the
+RetinaNet head's 256-channel convolutions run 1.2-2.4x faster forward on maps of 40 x 40 and
+more, and their weight's gradient 1.9-2.5x faster from 32 x 32 (``MODEL.FOCAL_RETINANET.WINOGRAD``,
+``benchmarks/bench_winograd.py``); with AVX-512 oneDNN's direct forward is about as fast.
 
 NNPACK takes NCHW maps and runs one image at a time (on a batch it picks its training
 algorithm, 4-5x slower here); its output is NCHW, which the next such convolution takes as it
 is. In training, the input's gradient is the same kind of convolution (the weight flipped and
-transposed), also by Winograd; the weight's gradient is oneDNN's.
+transposed).
 """
 
 from functools import partial
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
+from detectron2.layers import Conv2d
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-__all__ = ["winograd_fits", "winograd_pays", "winograd_conv2d", "use_winograd"]
+__all__ = [
+    "winograd_fits",
+    "winograd_pays",
+    "weight_gradient_pays",
+    "winograd_conv2d",
+    "use_winograd",
+]
 
 # Convolutions with fewer input or output channels (the box predictor's 36; an input gradient
 # then has as few input channels), or on smaller maps, are faster direct (measured per
-# convolution, benchmarks/README.md).
+# convolution, benchmarks/README.md): NNPACK below 40 x 40, the weight's gradient below 32 x 32.
 _MIN_CHANNELS = 256
 _MIN_PIXELS = 40 * 40
+_MIN_WEIGHT_GRADIENT_PIXELS = 32 * 32
+
+# F(4x4, 3x3): a 4 x 4 output tile Y = A^T [(G w G^T) * (B^T d B)] A of a 6 x 6 input tile d.
+_B_T = torch.tensor(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    dtype=torch.float32,
+)
+_G = torch.tensor(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    dtype=torch.float32,
+)
+_A_T = torch.tensor(
+    [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    dtype=torch.float32,
+)
+# Backpropagated through that forward, the weight's gradient is G^T dU G with
+# dU = sum over tiles and images of (A dY A^T) * (B^T d B): the two transforms as stride-4
+# convolutions of one channel with 36 filters, one per position of the 6 x 6 tile (6 x 6
+# overlapping tiles of the input, 4 x 4 of the gradient); the fold back to 3 x 3 a 9 x 36 matrix.
+_INPUT_TILE_FILTERS = torch.einsum("ab,ed->aebd", _B_T, _B_T).reshape(36, 1, 6, 6)
+_GRADIENT_TILE_FILTERS = torch.einsum("ba,de->aebd", _A_T, _A_T).reshape(36, 1, 4, 4)
+_FOLD_TO_3X3 = torch.einsum("ai,bj->ijab", _G, _G).reshape(9, 36)
+# Tiles per batched product: images, or bands of tile rows of one image, of about this many
+# tiles (>= 1 row). Fewer make slow thin products; more, only more memory (the transformed
+# tiles: 36 x tiles x (input + output channels) floats, 19 MB for 256 -> 256).
+_TILES_PER_PRODUCT = 256
 
 
 def winograd_fits(conv: nn.Conv2d) -> bool:
@@ -52,19 +104,29 @@ def winograd_fits(conv: nn.Conv2d) -> bool:
 
 def winograd_pays(x: Tensor) -> bool:
     """Whether a fitting convolution runs ``x`` (N, C, H, W) by Winograd: float32 large maps."""
+    return _float32_cpu_map(x, _MIN_PIXELS)
+
+
+def weight_gradient_pays(x: Tensor) -> bool:
+    """Whether a fitting convolution of ``x`` takes its weight's gradient by Winograd."""
+    return _float32_cpu_map(x, _MIN_WEIGHT_GRADIENT_PIXELS)
+
+
+def _float32_cpu_map(x: Tensor, min_pixels: int) -> bool:
     return (
         x.dim() == 4
         and x.numel() > 0
         and x.dtype == torch.float32
         and x.device.type == "cpu"
-        and x.shape[-2] * x.shape[-1] >= _MIN_PIXELS
+        and x.shape[-2] * x.shape[-1] >= min_pixels
     )
 
 
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """
-    ``F.conv2d(x, weight, bias, padding=1)`` of a 3x3 ``weight`` by Winograd, NCHW out; with
-    gradients where they are needed.
+    ``F.conv2d(x, weight, bias, padding=1)`` of a 3x3 ``weight``, with gradients where they are
+    needed: forward and the input's gradient by Winograd (NCHW out) where :func:`winograd_pays`,
+    the weight's gradient where :func:`weight_gradient_pays`, the rest direct.
     """
     if x.shape[0] == 0:
         return F.conv2d(x, weight, bias, padding=1)
@@ -90,36 +152,95 @@ def _per_image(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 class _WinogradConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        x = x.contiguous()
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _per_image(x, weight, bias)
+        if winograd_pays(x):
+            return _per_image(x, weight, bias)
+        return F.conv2d(x, weight, bias, padding=1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            # A stride-1 convolution's input gradient: the output gradient convolved with the
-            # weight flipped in space, input and output channels swapped (padding 3 - 1 - 1).
-            grad_input = _per_image(grad, weight.flip(2, 3).transpose(0, 1), None)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad,
-                x,
-                weight,
-                [weight.shape[0]] if ctx.has_bias else None,
-                [1, 1],
-                [1, 1],
-                [1, 1],
-                False,
-                [0, 0],
-                1,
-                [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
-            )
+            if winograd_pays(grad):
+                # A stride-1 convolution's input gradient: the output gradient convolved with
+                # the weight flipped in space, input and output channels swapped (padding
+                # 3 - 1 - 1).
+                grad_input = _per_image(grad, weight.flip(2, 3).transpose(0, 1), None)
+            else:
+                grad_input = _direct_gradients(grad, x, weight, input=True)
+        if ctx.needs_input_grad[1]:
+            if weight_gradient_pays(x):
+                grad_weight = _weight_gradient(x, grad)
+            else:
+                grad_weight = _direct_gradients(grad, x, weight, input=False)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3))
         return grad_input, grad_weight, grad_bias
+
+
+def _direct_gradients(grad: Tensor, x: Tensor, weight: Tensor, input: bool) -> Tensor:
+    """The input's (``input``) or the weight's gradient of a 3x3, padding-1 convolution."""
+    grads = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [input, not input, False]
+    )
+    return grads[0] if input else grads[1]
+
+
+def _weight_gradient(x: Tensor, grad: Tensor) -> Tensor:
+    """
+    The weight's gradient of ``F.conv2d(x, weight, padding=1)`` (3x3) given the output's
+    ``grad``, by Winograd's F(4x4, 3x3) (module docstring).
+    """
+    n, c_in, height, width = x.shape
+    c_out = grad.shape[1]
+    # 4 x 4 tiles of the output, zero-padded to whole tiles: zero gradients add nothing.
+    tiles_y, tiles_x = -(-height // 4), -(-width // 4)
+    pad_y, pad_x = 4 * tiles_y - height, 4 * tiles_x - width
+    x = F.pad(x, (1, 1 + pad_x, 1, 1 + pad_y))
+    grad = F.pad(grad, (0, pad_x, 0, pad_y))
+    tile_gradient = None  # (36, c_out, c_in)
+    for images, first_row, end_row in _products(n, tiles_y, tiles_x):
+        count, tiles = images.stop - images.start, (end_row - first_row) * tiles_x
+        # Tile row i: input rows 4i to 4i + 5 (padded), gradient rows 4i to 4i + 3.
+        inputs = F.conv2d(
+            x[images, :, 4 * first_row : 4 * end_row + 2].reshape(count * c_in, 1, -1, x.shape[-1]),
+            _INPUT_TILE_FILTERS,
+            stride=4,
+        ).view(count, c_in, 36, tiles)
+        grads = F.conv2d(
+            grad[images, :, 4 * first_row : 4 * end_row].reshape(
+                count * c_out, 1, -1, grad.shape[-1]
+            ),
+            _GRADIENT_TILE_FILTERS,
+            stride=4,
+        ).view(count, c_out, 36, tiles)
+        # Position by position, the sum over images and tiles: (c_out, tiles) @ (tiles, c_in).
+        if count == 1:
+            inputs, grads = inputs[0].permute(1, 2, 0), grads[0].transpose(0, 1)
+        else:
+            inputs = inputs.permute(2, 0, 3, 1).reshape(36, count * tiles, c_in)
+            grads = grads.permute(2, 1, 0, 3).reshape(36, c_out, count * tiles)
+        if tile_gradient is None:
+            tile_gradient = torch.bmm(grads, inputs)
+        else:
+            tile_gradient.baddbmm_(grads, inputs)
+    weight_grad = _FOLD_TO_3X3 @ tile_gradient.view(36, c_out * c_in)
+    return weight_grad.view(3, 3, c_out, c_in).permute(2, 3, 0, 1).contiguous()
+
+
+def _products(n: int, tiles_y: int, tiles_x: int) -> Iterator[Tuple[slice, int, int]]:
+    """(images, first tile row, end tile row) of about ``_TILES_PER_PRODUCT`` tiles each."""
+    rows = max(1, _TILES_PER_PRODUCT // tiles_x)
+    if rows >= tiles_y:
+        per_product = rows // tiles_y
+        for first in range(0, n, per_product):
+            yield slice(first, min(n, first + per_product)), 0, tiles_y
+    else:
+        for image in range(n):
+            for first_row in range(0, tiles_y, rows):
+                yield slice(image, image + 1), first_row, min(tiles_y, first_row + rows)
 
 
 def _winograd_or_direct(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -128,7 +249,10 @@ def _winograd_or_direct(conv: nn.Conv2d, x: Tensor) -> Tensor:
     if (
         not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(x.device.type)
-        and winograd_pays(x)
+        and (
+            winograd_pays(x)
+            or (torch.is_grad_enabled() and conv.weight.requires_grad and weight_gradient_pays(x))
+        )
     ):
         return winograd_conv2d(x, conv.weight, conv.bias)
     return conv._conv_forward(x, conv.weight, conv.bias)
@@ -136,11 +260,14 @@ def _winograd_or_direct(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 def use_winograd(module: nn.Module) -> List[nn.Conv2d]:
     """
-    Let the plain ``nn.Conv2d`` of ``module`` that fit (:func:`winograd_fits`; e.g. the
-    RetinaNet head's) run large float32 maps by Winograd, in training and in inference, by
-    their instances' forwards: parameters, state-dict keys and module types stay. Returns them.
+    Let the ``nn.Conv2d`` and Detectron2 ``Conv2d`` of ``module`` that fit
+    (:func:`winograd_fits`; e.g. the RetinaNet head's and the FPN's output convolutions) run by
+    Winograd where it pays, in training and in inference, by their instances' forwards:
+    parameters, state-dict keys and module types stay. Returns them.
     """
-    convolutions = [m for m in module.modules() if type(m) is nn.Conv2d and winograd_fits(m)]
+    convolutions = [
+        m for m in module.modules() if type(m) in (nn.Conv2d, Conv2d) and winograd_fits(m)
+    ]
     for conv in convolutions:
         conv.forward = partial(_winograd_or_direct, conv)
     return convolutions
