@@ -197,3 +197,15 @@ def test_exported_graphs_keep_the_standard_convolution():
         for ours, reference in zip(exported, eager, strict=True):
             for x, y in zip(ours, reference, strict=True):
                 _assert_close_to_largest(x, y, CONV_RTOL)
+
+
+def test_jit_traced_graphs_keep_the_standard_convolution():
+    conv = nn.Conv2d(256, 256, 3, padding=1)
+    use_winograd(conv)
+    with torch.no_grad():
+        traced = torch.jit.trace(conv, torch.randn(2, 256, 48, 48))
+    assert "nnpack" not in str(traced.graph)
+    # Not tied to the traced batch (NNPACK's path splits it image by image).
+    x = torch.randn(3, 256, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), F.conv2d(x, conv.weight, conv.bias, padding=1))

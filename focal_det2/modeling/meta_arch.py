@@ -110,7 +110,7 @@ def _winograd(cfg: CN) -> bool:
     use, reason = choose_winograd(focal.WINOGRAD, cfg.MODEL.DEVICE)
     logger.info(
         "Large 3x3 convolutions of the FPN and the head by %s (%s).",
-        "Winograd (NNPACK)" if use else "direct convolution",
+        "Winograd" if use else "direct convolution",
         reason,
     )
     return use

@@ -103,7 +103,10 @@ def winograd_fits(conv: nn.Conv2d) -> bool:
 
 
 def winograd_pays(x: Tensor) -> bool:
-    """Whether a fitting convolution runs ``x`` (N, C, H, W) by Winograd: float32 large maps."""
+    """
+    Whether a fitting convolution runs ``x`` (N, C, H, W) by Winograd: float32 large maps, in
+    eager mode (not traced), outside autocast.
+    """
     return _float32_cpu_map(x, _MIN_PIXELS)
 
 
@@ -113,8 +116,13 @@ def weight_gradient_pays(x: Tensor) -> bool:
 
 
 def _float32_cpu_map(x: Tensor, min_pixels: int) -> bool:
+    # Traced graphs (torch.compile, torch.export, ONNX, torch.jit.trace) keep the standard
+    # convolution, without a guard on the map's size (asked first); autocast its own.
     return (
-        x.dim() == 4
+        not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch.is_autocast_enabled("cpu")
+        and x.dim() == 4
         and x.numel() > 0
         and x.dtype == torch.float32
         and x.device.type == "cpu"
@@ -134,7 +142,9 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return _WinogradConv2d.apply(x, weight, bias)
-    return _per_image(x, weight, bias)
+    if winograd_pays(x):
+        return _per_image(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=1)
 
 
 def _per_image(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -172,7 +182,8 @@ class _WinogradConv2d(torch.autograd.Function):
                 grad_input = _direct_gradients(grad, x, weight, input=True)
         if ctx.needs_input_grad[1]:
             if weight_gradient_pays(x):
-                grad_weight = _weight_gradient(x, grad)
+                # In the weight's memory format, as autograd would otherwise copy it to.
+                grad_weight = torch.empty_like(weight).copy_(_weight_gradient(x, grad))
             else:
                 grad_weight = _direct_gradients(grad, x, weight, input=False)
         if ctx.needs_input_grad[2]:
@@ -191,7 +202,7 @@ def _direct_gradients(grad: Tensor, x: Tensor, weight: Tensor, input: bool) -> T
 def _weight_gradient(x: Tensor, grad: Tensor) -> Tensor:
     """
     The weight's gradient of ``F.conv2d(x, weight, padding=1)`` (3x3) given the output's
-    ``grad``, by Winograd's F(4x4, 3x3) (module docstring).
+    ``grad``, by Winograd's F(4x4, 3x3) (module docstring); a (c_out, c_in, 3, 3) view.
     """
     n, c_in, height, width = x.shape
     c_out = grad.shape[1]
@@ -227,7 +238,7 @@ def _weight_gradient(x: Tensor, grad: Tensor) -> Tensor:
         else:
             tile_gradient.baddbmm_(grads, inputs)
     weight_grad = _FOLD_TO_3X3 @ tile_gradient.view(36, c_out * c_in)
-    return weight_grad.view(3, 3, c_out, c_in).permute(2, 3, 0, 1).contiguous()
+    return weight_grad.view(3, 3, c_out, c_in).permute(2, 3, 0, 1)
 
 
 def _products(n: int, tiles_y: int, tiles_x: int) -> Iterator[Tuple[slice, int, int]]:
@@ -244,15 +255,8 @@ def _products(n: int, tiles_y: int, tiles_x: int) -> Iterator[Tuple[slice, int, 
 
 
 def _winograd_or_direct(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    # Traced graphs (torch.export, ONNX) keep the standard convolution, without a guard on
-    # the map's size (asked first); autocast its own.
-    if (
-        not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(x.device.type)
-        and (
-            winograd_pays(x)
-            or (torch.is_grad_enabled() and conv.weight.requires_grad and weight_gradient_pays(x))
-        )
+    if winograd_pays(x) or (
+        torch.is_grad_enabled() and conv.weight.requires_grad and weight_gradient_pays(x)
     ):
         return winograd_conv2d(x, conv.weight, conv.bias)
     return conv._conv_forward(x, conv.weight, conv.bias)
