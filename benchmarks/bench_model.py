@@ -19,8 +19,8 @@ untimed warm-up steps of the phase (the first call is reported apart: it include
 compilations, and the default model's change of memory format). The speed-up is the median over
 repetitions of the ratio of Detectron2's time to the model's in the same repetition, which
 cancels the slow drifts of a shared machine. Peak memory: the growth of PyTorch's allocations
-during one extra step (after one more, on CPU, that lets the profiler see the previous step's
-gradients freed: before 2026-12-03 the CPU peaks counted them as never freed, +144 MiB for
+during one extra step (on CPU, a training step after one more, that lets the profiler see the
+previous step's gradients freed: before 2026-12-03 the CPU peaks counted them as never freed, +144 MiB for
 R50-FPN in every row).
 
 On CPU, each entry of ``--isa`` runs in a child process with ``ONEDNN_MAX_CPU_ISA`` set to it
@@ -169,7 +169,9 @@ def measure(args) -> dict:
                     "max": max(values),
                     "speed_up": statistics.median(r / v for r, v in zip(reference, values)),
                     "peak_mib": peak_bytes(
-                        lambda: fn(models[name], batch), args.device, repeated=True
+                        lambda: fn(models[name], batch),
+                        args.device,
+                        repeated=phase == "training step",
                     )
                     / 2**20,
                 }

@@ -19,7 +19,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.nn import functional as F
@@ -37,13 +37,6 @@ SHAPES = [  # (images, input channels, output channels, height, width)
     (1, 256, 256, 100, 136),
     (1, 256, 256, 50, 68),
 ]
-PARTS = ["forward", "input gradient", "weight gradient"]
-
-
-def _direct_backward(grad, x, weight, mask):
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask
-    )
 
 
 def parts(shape) -> Dict[str, tuple]:
@@ -61,11 +54,11 @@ def parts(shape) -> Dict[str, tuple]:
             (lambda: winograd.winograd_conv2d(x, weight, None)) if nnpack else None,
         ),
         "input gradient": (
-            lambda: _direct_backward(grad, x, weight, [True, False, False]),
+            lambda: winograd._direct_gradients(grad, x, weight, input=True),
             (lambda: winograd.winograd_conv2d(grad, transposed, None)) if nnpack else None,
         ),
         "weight gradient": (
-            lambda: _direct_backward(grad, x, weight, [False, True, False]),
+            lambda: winograd._direct_gradients(grad, x, weight, input=False),
             (
                 (lambda: winograd._weight_gradient(x, grad))
                 if winograd.weight_gradient_pays(x)
@@ -75,19 +68,21 @@ def parts(shape) -> Dict[str, tuple]:
     }
 
 
-def compare(direct: Callable, fast: Callable, reps: int) -> dict:
-    direct(), fast()
-    times: Dict[str, List[float]] = {"direct": [], "winograd": []}
+def compare(direct: Callable, fast: Optional[Callable], reps: int) -> dict:
+    """Median ms of each (alternating) and of their ratio; direct alone where ``fast`` is None."""
+    runs = {"direct": direct, **({"winograd": fast} if fast is not None else {})}
+    for fn in runs.values():
+        fn()
+    times: Dict[str, List[float]] = {name: [] for name in runs}
     for _ in range(reps):
-        for name, fn in (("direct", direct), ("winograd", fast)):
+        for name, fn in runs.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {
-        "direct": statistics.median(times["direct"]) * 1e3,
-        "winograd": statistics.median(times["winograd"]) * 1e3,
-        "ratio": statistics.median(d / w for d, w in zip(times["direct"], times["winograd"])),
-    }
+    row = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    if fast is not None:
+        row["ratio"] = statistics.median(d / w for d, w in zip(times["direct"], times["winograd"]))
+    return row
 
 
 def measure(reps: int) -> dict:
@@ -95,20 +90,8 @@ def measure(reps: int) -> dict:
     with torch.no_grad():
         for shape in SHAPES:
             for part, (direct, fast) in parts(shape).items():
-                row = {"shape": shape, "part": part}
-                if fast is None:
-                    direct()
-                    row["direct"] = statistics.median(_time(direct) for _ in range(reps)) * 1e3
-                else:
-                    row.update(compare(direct, fast, reps))
-                rows.append(row)
+                rows.append({"shape": shape, "part": part, **compare(direct, fast, reps)})
     return {"machine": machine("cpu"), "rows": rows}
-
-
-def _time(fn: Callable) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:

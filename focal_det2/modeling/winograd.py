@@ -142,6 +142,10 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return _WinogradConv2d.apply(x, weight, bias)
+    return _forward(x, weight, bias)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if winograd_pays(x):
         return _per_image(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=1)
@@ -163,9 +167,7 @@ class _WinogradConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         ctx.save_for_backward(x, weight)
-        if winograd_pays(x):
-            return _per_image(x, weight, bias)
-        return F.conv2d(x, weight, bias, padding=1)
+        return _forward(x, weight, bias)
 
     @staticmethod
     @once_differentiable
