@@ -20,8 +20,8 @@ compilations, and the default model's change of memory format). The speed-up is 
 repetitions of the ratio of Detectron2's time to the model's in the same repetition, which
 cancels the slow drifts of a shared machine. Peak memory: the growth of PyTorch's allocations
 during one extra step (on CPU, a training step after one more, that lets the profiler see the
-previous step's gradients freed: before 2026-12-03 the CPU peaks counted them as never freed, +144 MiB for
-R50-FPN in every row).
+previous step's gradients freed: before 2026-12-03 the CPU peaks counted them as never freed,
++144 MiB for R50-FPN in every row).
 
 On CPU, each entry of ``--isa`` runs in a child process with ``ONEDNN_MAX_CPU_ISA`` set to it
 ("native": unset), so one invocation measures e.g. an AVX-512 machine as it is and as an
