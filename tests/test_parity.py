@@ -348,9 +348,11 @@ def test_softmax_candidate_scores_are_its_scores_wherever_they_pass(thresh, dtyp
 def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
     g = torch.Generator().manual_seed(0)
     k, thresh = 50, 0.0
-    # About half of the pairs pass; the first two levels are large enough to be sampled.
+    # About half of the pairs pass; the first two levels are large enough to be sampled; none
+    # of the last one's.
     sampled = postprocess._SAMPLED_PAIRS_PER_TOPK * k
     levels = [torch.randn(2, n, generator=g) for n in (3 * sampled, sampled, 500)]
+    levels.append(-1 - torch.rand(2, 300, generator=g))
     if layout == "sampled_pairs_largest":
         # The sample then overestimates the bound: fewer than k pairs above it, so the
         # threshold itself must be used.
@@ -366,6 +368,10 @@ def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
         first_pair += x.shape[1]
     found = set(zip(image.tolist(), index.tolist(), values.tolist()))
     assert found == expected and len(values) == len(expected)
+    # The exported graph's selection (no sampled bound), the same candidates.
+    image, index, values = postprocess._top_k_pairs(levels, thresh, k)
+    assert set(zip(image.tolist(), index.tolist(), values.tolist())) == expected
+    assert len(values) == len(expected)
     image, _ = postprocess._pairs_above_bounds(levels[0], thresh, k)
     counts = torch.bincount(image, minlength=2)
     assert (counts < (levels[0] > thresh).sum(1)).all() == (layout == "spread")
