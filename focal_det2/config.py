@@ -70,7 +70,9 @@ def add_focal_config(cfg: CN) -> None:
     # the input's gradient by NNPACK from 40 x 40 (P3, and P4 from 640 px), the weight's gradient
     # from 32 x 32; 4-5x fewer multiplications, the same results up to float rounding (relative
     # 2e-5 per convolution). "auto": where oneDNN runs without AVX-512 (AVX2 CPUs, or
-    # ONEDNN_MAX_CPU_ISA=AVX2), where it is faster; logged at build.
+    # ONEDNN_MAX_CPU_ISA=AVX2), where it is faster; logged at build. In `python -m
+    # focal_det2.export`, the graph's 3x3 convolutions of >= 128 channels by F(4x4, 3x3) in
+    # standard operators: "auto" for ONNX (faster in onnxruntime), not for an ExportedProgram.
     _C.MODEL.FOCAL_RETINANET.WINOGRAD = "auto"
     # Per-class alpha of the classification loss (every loss with an alpha): one float in
     # [0, 1] per class (MODEL.RETINANET.NUM_CLASSES values), weighting the positives of class k

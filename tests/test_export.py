@@ -12,6 +12,8 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
+from torch import nn
+from torch.nn import functional as F
 
 from focal_det2.config import load_config
 from focal_det2.export import (
@@ -21,6 +23,11 @@ from focal_det2.export import (
     load_program,
     main,
     save_program,
+)
+from focal_det2.modeling.winograd import (
+    graph_winograd_fits,
+    use_graph_winograd,
+    winograd_conv2d_graph,
 )
 
 from helpers import REPO, tiny_register_args
@@ -33,6 +40,13 @@ TEST_SIZE = ("INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "256")
 # The tiny model of the export tests scores up to 0.11 on a grey image and up to 0.6 on the
 # demo images: at 0.15 the grey image has no detection.
 TINY_MODEL_TEST = (*TEST_SIZE, "MODEL.RETINANET.SCORE_THRESH_TEST", "0.15")
+# The example the parity tests' graphs are traced with: R18's 128-channel convolutions (res3,
+# stride 8) see 11 x 12 4 x 4 tiles there, >= 128, so the graph runs them by Winograd (at every
+# image size); the test images' own sizes would not.
+WINOGRAD_EXAMPLE_SIZE = (352, 384)
+# Winograd's F(4x4, 3x3) in the graph and the direct convolution round differently: measured
+# within 1.5e-5 of the largest output (float32).
+CONV_RTOL = 1e-4
 
 
 def match_detections(ref, out):
@@ -120,7 +134,10 @@ def exported(tiny_checkpoint, tiny_coco, tmp_path_factory):
     cfg.MODEL.WEIGHTS = str(out / "model_final.pth")
     cfg.freeze()
     torch.save({"model": model.state_dict()}, cfg.MODEL.WEIGHTS)
-    program = export_program(model, images[1])
+    example = F.interpolate(images[0][None].float(), size=WINOGRAD_EXAMPLE_SIZE)
+    program = export_program(model, example[0].round().to(torch.uint8), winograd=True)
+    # Each Winograd convolution lays out its output tiles by one pixel shuffle.
+    assert "pixel_shuffle" in str(program.graph)
     save_program(program, str(out / "model.onnx"), "onnx")
     save_program(program, str(out / "model.pt2"), "torch_export")
     return cfg, model, out, images
@@ -256,3 +273,45 @@ def test_predict_with_onnx_writes_the_pytorch_detections(exported, tiny_checkpoi
         )
         box_error, score_error = match_detections(ref, ours)
         assert box_error <= BOX_ATOL and score_error <= SCORE_ATOL
+
+
+def _assert_close_to_largest(ours, reference, rtol):
+    error = (ours - reference).abs().max().item()
+    assert error <= rtol * reference.abs().max().item(), error
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_graph_winograd_is_the_convolution_at_every_size(bias):
+    torch.manual_seed(0)
+    weight, b = torch.randn(24, 16, 3, 3), torch.randn(24) if bias else None
+    # Maps of one tile and less (padded to 2 x 2 tiles), partial tiles, whole ones; two images.
+    for shape in ((1, 16, 1, 1), (1, 16, 3, 5), (1, 16, 4, 8), (2, 16, 9, 13), (1, 16, 40, 44)):
+        x = torch.randn(shape)
+        out = winograd_conv2d_graph(x, weight, b)
+        reference = F.conv2d(x, weight, b, padding=1)
+        assert out.shape == reference.shape
+        _assert_close_to_largest(out, reference, CONV_RTOL)
+
+
+def test_graph_winograd_takes_fitting_convolutions_on_large_maps_and_exports_any_size():
+    torch.manual_seed(0)
+    fits = nn.Conv2d(128, 128, 3, padding=1)
+    too_few_channels = nn.Conv2d(128, 64, 3, padding=1)
+    module = nn.Sequential(fits, too_few_channels)
+    assert [graph_winograd_fits(m) for m in module] == [True, False]
+    assert not graph_winograd_fits(nn.Conv2d(128, 128, 3, stride=2, padding=1))
+    small = torch.randn(1, 128, 40, 44)  # 10 x 11 tiles, < 128
+    assert use_graph_winograd(module, lambda: module(small)) == []
+    large = torch.randn(1, 128, 48, 44)  # 12 x 11 tiles
+    assert use_graph_winograd(module, lambda: module(large)) == [fits]
+    reference = nn.Sequential(*(nn.Conv2d(m.in_channels, m.out_channels, 3) for m in module))
+    for ours, theirs in zip(module, reference):
+        theirs.load_state_dict(ours.state_dict())
+        theirs.padding = ours.padding
+    # Down to one tile: the traced graph has no guard on the number of tiles.
+    dims = {2: torch.export.Dim("height", min=1, max=256), 3: torch.export.Dim("width", max=256)}
+    with torch.no_grad():
+        program = torch.export.export(module, (large,), dynamic_shapes=(dims,), strict=False)
+        for size in ((1, 1), (5, 3), (48, 44), (130, 70)):
+            x = torch.randn(1, 128, *size)
+            _assert_close_to_largest(program.module()(x), reference(x), CONV_RTOL)

@@ -10,6 +10,8 @@ and tiles, and the 6 x 6 result folded back to 3 x 3. Where oneDNN runs without 
 RetinaNet head's 256-channel convolutions run 1.2-2.4x faster forward on maps of 40 x 40 and
 more, and their weight's gradient 1.9-2.5x faster from 32 x 32 (``MODEL.FOCAL_RETINANET.WINOGRAD``,
 ``benchmarks/bench_winograd.py``); with AVX-512 oneDNN's direct forward is about as fast.
+Exported graphs, which cannot call NNPACK, get F(4x4, 3x3) forward in standard operators
+(:func:`winograd_conv2d_graph`).
 
 NNPACK takes NCHW maps and runs one image at a time (on a batch it picks its training
 algorithm, 4-5x slower here); its output is NCHW, which the next such convolution takes as it
@@ -18,7 +20,7 @@ transposed).
 """
 
 from functools import partial
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from detectron2.layers import Conv2d
@@ -27,6 +29,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 __all__ = [
+    "graph_winograd_fits",
+    "use_graph_winograd",
+    "winograd_conv2d_graph",
     "winograd_fits",
     "winograd_pays",
     "weight_gradient_pays",
@@ -75,6 +80,19 @@ _A_T = torch.tensor(
 _INPUT_TILE_FILTERS = torch.einsum("ab,ed->aebd", _B_T, _B_T).reshape(36, 1, 6, 6)
 _GRADIENT_TILE_FILTERS = torch.einsum("ba,de->aebd", _A_T, _A_T).reshape(36, 1, 4, 4)
 _FOLD_TO_3X3 = torch.einsum("ai,bj->ijab", _G, _G).reshape(9, 36)
+# F(4x4, 3x3)'s output transform as one matrix: row 4i + j of a 4 x 4 output tile from the 36
+# products, row-major (6 x 6).
+_OUTPUT_TILE_MATRIX = torch.einsum("ia,jb->ijab", _A_T, _A_T).reshape(16, 36)
+# In exported graphs run by onnxruntime (AVX2): 3x3 convolutions of 128-512 channels on maps of
+# 13 x 17 to 100 x 134 ran 1.1-2.5x faster by winograd_conv2d_graph, 64-channel ones 0.8-1.06x
+# (benchmarks/README.md).
+_MIN_GRAPH_CHANNELS = 128
+# On fewer 4 x 4 tiles the transforms' and the batched product's fixed costs (the transformed
+# weights are 4x larger) outweigh the saved multiplications: in onnxruntime, R18's 512-channel
+# convolutions at 8 x 11 (6 tiles) ran slower than direct, and the demo model at 256 px, its
+# 128- and 256-channel ones on 88 and 24 tiles by Winograd, 3% slower in all (R50-FPN at
+# 800 px, from 221 tiles: 1.17x faster in all).
+_MIN_GRAPH_TILES = 128
 # Tiles per batched product: images, or bands of tile rows of one image, of about this many
 # tiles (>= 1 row). Fewer make slow thin products; more, only more memory (the transformed
 # tiles: 36 x tiles x (input + output channels) floats, 19 MB for 256 -> 256).
@@ -88,17 +106,24 @@ def winograd_fits(conv: nn.Conv2d) -> bool:
     ``Conv2d`` without ``norm`` and ``activation``).
     """
     return (
+        _same_size_3x3(conv, _MIN_CHANNELS)
+        and getattr(conv, "norm", None) is None
+        and getattr(conv, "activation", None) is None
+        and torch._nnpack_available()
+    )
+
+
+def _same_size_3x3(conv: nn.Conv2d, min_channels: int) -> bool:
+    """A dense 3x3 convolution, stride 1, zero padding 1, >= ``min_channels`` in and out."""
+    return (
         conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == (1, 1)
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and conv.in_channels >= _MIN_CHANNELS
-        and conv.out_channels >= _MIN_CHANNELS
-        and getattr(conv, "norm", None) is None
-        and getattr(conv, "activation", None) is None
-        and torch._nnpack_available()
+        and conv.in_channels >= min_channels
+        and conv.out_channels >= min_channels
     )
 
 
@@ -254,6 +279,94 @@ def _products(n: int, tiles_y: int, tiles_x: int) -> Iterator[Tuple[slice, int, 
         for image in range(n):
             for first_row in range(0, tiles_y, rows):
                 yield slice(image, image + 1), first_row, min(tiles_y, first_row + rows)
+
+
+def graph_winograd_fits(conv: nn.Module) -> bool:
+    """
+    Whether :func:`use_graph_winograd` runs ``conv`` by :func:`winograd_conv2d_graph`: an
+    ``nn.Conv2d`` or Detectron2 ``Conv2d`` (its norm and activation then follow), 3x3, stride 1,
+    padding 1, >= 128 input and output channels.
+    """
+    return type(conv) in (nn.Conv2d, Conv2d) and _same_size_3x3(conv, _MIN_GRAPH_CHANNELS)
+
+
+def winograd_conv2d_graph(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """
+    ``F.conv2d(x, weight, bias, padding=1)`` of a 3x3 ``weight`` by Winograd's F(4x4, 3x3) in
+    standard operators (a convolution, matrix products, a pixel shuffle), which ``torch.export``
+    traces for any map size and ONNX runtimes run: the input's 6 x 6 tiles transformed by a
+    stride-4 convolution of one channel with 36 filters, the 36 products of the transformed
+    tiles and weights as one batched matrix product over the channels, and the output tiles
+    transformed and laid out by one matrix product and a pixel shuffle. Forward only. Laid out
+    so that, for one image, onnxruntime moves no tensor but by whole rows of tiles: a product
+    laid out tile-first (channels last) cost it 3x the product's time in transposes.
+    """
+    n, c_in, height, width = x.shape
+    c_out = weight.shape[0]
+    # At least 2 x 2 tiles: torch.export would guard a dynamic count of tiles against 1
+    # (views and contiguity differ for size-1 dimensions).
+    tiles_y = torch.sym_max((height + 3) // 4, 2)
+    tiles_x = torch.sym_max((width + 3) // 4, 2)
+    x = F.pad(x, (1, 1 + 4 * tiles_x - width, 1, 1 + 4 * tiles_y - height))
+    tiles = F.conv2d(
+        x.reshape(n * c_in, 1, 4 * tiles_y + 2, 4 * tiles_x + 2),
+        _INPUT_TILE_FILTERS.to(x),
+        stride=4,
+    )  # (n * c_in, 36, tiles_y, tiles_x)
+    tiles = tiles.reshape(n, c_in, 36, tiles_y * tiles_x).permute(2, 1, 0, 3)
+    g = _G.to(weight)
+    # A function of the weights only: exported graphs compute it from constants, which
+    # onnxruntime folds when it loads the graph.
+    weight_tiles = (g @ weight @ g.T).permute(2, 3, 0, 1).reshape(36, c_out, c_in)
+    products = weight_tiles @ tiles.reshape(36, c_in, n * tiles_y * tiles_x)
+    out = _OUTPUT_TILE_MATRIX.to(products) @ products.reshape(36, -1)
+    out = out.reshape(16, c_out, n, tiles_y, tiles_x).permute(2, 1, 0, 3, 4)
+    out = F.pixel_shuffle(out.reshape(n, c_out * 16, tiles_y, tiles_x), 4)
+    # Cropped by a negative padding: a slice to a size that may equal the map's would make
+    # torch.export guard on which, for dynamic sizes.
+    out = F.pad(out, (0, width - 4 * tiles_x, 0, height - 4 * tiles_y))
+    return out if bias is None else out + bias[:, None, None]
+
+
+def _graph_winograd_forward(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    x = winograd_conv2d_graph(x, conv.weight, conv.bias)
+    if getattr(conv, "norm", None) is not None:
+        x = conv.norm(x)
+    if getattr(conv, "activation", None) is not None:
+        x = conv.activation(x)
+    return x
+
+
+def use_graph_winograd(module: nn.Module, run: Callable[[], object]) -> List[nn.Conv2d]:
+    """
+    Let the convolutions of ``module`` that fit (:func:`graph_winograd_fits`) and whose largest
+    map in ``run()`` has at least ``_MIN_GRAPH_TILES`` 4 x 4 tiles run by
+    :func:`winograd_conv2d_graph`, at every map size, by their instances' forwards: for a
+    module to export (:func:`focal_det2.export.export_program`, on a copy). Returns them.
+
+    Args:
+        module: holds the convolutions.
+        run: calls ``module`` on an input of the size to export for.
+    """
+    largest_tiles: Dict[nn.Module, int] = {}
+
+    def record(conv: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
+        height, width = inputs[0].shape[-2:]
+        tiles = -(-height // 4) * -(-width // 4)
+        largest_tiles[conv] = max(tiles, largest_tiles.get(conv, 0))
+
+    fitting = [m for m in module.modules() if graph_winograd_fits(m)]
+    hooks = [conv.register_forward_pre_hook(record) for conv in fitting]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    convolutions = [m for m in fitting if largest_tiles.get(m, 0) >= _MIN_GRAPH_TILES]
+    for conv in convolutions:
+        conv.forward = partial(_graph_winograd_forward, conv)
+    return convolutions
 
 
 def _winograd_or_direct(conv: nn.Conv2d, x: Tensor) -> Tensor:
