@@ -129,8 +129,8 @@ def post_share(model, image: torch.Tensor, reps: int) -> float:
 def onnx_post_share(onnx_path: str, feed: Dict[str, np.ndarray], reps: int, warmup: int) -> float:
     """
     Share of the ONNX graph's latency after the head, over ``reps`` profiled calls after
-    ``warmup`` ones: the nodes that no convolution depends on (anchors, scoring, top-k,
-    decoding, NMS, clipping) in the graph as onnxruntime optimised it (its nodes are the
+    ``warmup`` ones: the nodes that no convolution depends on, nor is one (anchors, scoring,
+    top-k, decoding, NMS, clipping) in the graph as onnxruntime optimised it (its nodes are the
     profile's), their kernel time over the calls' time.
     """
     with tempfile.TemporaryDirectory() as workdir:
@@ -149,7 +149,22 @@ def onnx_post_share(onnx_path: str, feed: Dict[str, np.ndarray], reps: int, warm
             events = json.load(f)
         graph = onnx.load(options.optimized_model_filepath).graph
     producers = {output: node for node in graph.node for output in node.output}
-    up_to_head, pending = set(), [node for node in graph.node if node.op_type == "Conv"]
+    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    # A convolution is a Conv node or, by Winograd (focal_det2.modeling.winograd), the nodes up
+    # to its pixel shuffle (DepthToSpace) and the crop (Pad) and bias (Add) after it.
+    ends = []
+    for node in graph.node:
+        if node.op_type == "DepthToSpace":
+            while True:
+                ends.append(node)
+                following = consumers.get(node.output[0], [])
+                if len(following) != 1 or following[0].op_type not in ("Pad", "Add"):
+                    break
+                node = following[0]
+    up_to_head, pending = set(), [n for n in graph.node if n.op_type == "Conv"] + ends
     while pending:
         node = pending.pop()
         if node.name not in up_to_head:
