@@ -232,6 +232,28 @@ def test_export_cli_bad_weights_names_the_file_and_keeps_the_output(tmp_path, ca
         main([*argv, "--format", "tflite"])
 
 
+@pytest.mark.parametrize(
+    "setting, fmt, winograd",
+    [("auto", "onnx", True), ("auto", "torch_export", False), ("on", "torch_export", True)]
+    + [("off", "onnx", False)],
+)
+def test_export_cli_puts_winograd_in_the_graph_as_the_config_says(
+    tmp_path, monkeypatch, setting, fmt, winograd
+):
+    from focal_det2 import export as export_module
+
+    traced = []
+    monkeypatch.setattr(
+        export_module,
+        "export_program",
+        lambda model, example, winograd=False: traced.append(winograd) or "program",
+    )
+    monkeypatch.setattr(export_module, "save_program", lambda program, output, fmt: None)
+    argv = ["--config-file", str(REPO / "configs" / "demo.yaml"), "--output", str(tmp_path / "m")]
+    assert main([*argv, "--format", fmt, "MODEL.FOCAL_RETINANET.WINOGRAD", setting]) == 0
+    assert traced == [winograd]
+
+
 def test_onnx_predictor_bad_file_names_it(tmp_path):
     bad = tmp_path / "not_a_model.onnx"
     bad.write_text("hello")
