@@ -1,4 +1,4 @@
-"""Running train_net.py from the tests, the demo config, and counting operators."""
+"""Running train_net.py from the tests, the demo config, counting operators, comparing tensors."""
 
 import collections
 import os
@@ -123,3 +123,9 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def assert_close_to_largest(ours, reference, rtol):
+    """``ours`` within ``rtol`` times the largest magnitude of ``reference``, everywhere."""
+    error = (ours - reference).abs().max().item()
+    assert error <= rtol * reference.abs().max().item(), error

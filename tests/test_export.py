@@ -30,7 +30,7 @@ from focal_det2.modeling.winograd import (
     winograd_conv2d_graph,
 )
 
-from helpers import REPO, tiny_register_args
+from helpers import REPO, assert_close_to_largest, tiny_register_args
 
 # Measured: boxes within 1e-4 px and scores within 1e-6 (ONNX), equal (ExportedProgram).
 BOX_ATOL = 0.01
@@ -297,11 +297,6 @@ def test_predict_with_onnx_writes_the_pytorch_detections(exported, tiny_checkpoi
         assert box_error <= BOX_ATOL and score_error <= SCORE_ATOL
 
 
-def _assert_close_to_largest(ours, reference, rtol):
-    error = (ours - reference).abs().max().item()
-    assert error <= rtol * reference.abs().max().item(), error
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_graph_winograd_is_the_convolution_at_every_size(bias):
     torch.manual_seed(0)
@@ -312,7 +307,7 @@ def test_graph_winograd_is_the_convolution_at_every_size(bias):
         out = winograd_conv2d_graph(x, weight, b)
         reference = F.conv2d(x, weight, b, padding=1)
         assert out.shape == reference.shape
-        _assert_close_to_largest(out, reference, CONV_RTOL)
+        assert_close_to_largest(out, reference, CONV_RTOL)
 
 
 def test_graph_winograd_takes_fitting_convolutions_on_large_maps_and_exports_any_size():
@@ -336,4 +331,4 @@ def test_graph_winograd_takes_fitting_convolutions_on_large_maps_and_exports_any
         program = torch.export.export(module, (large,), dynamic_shapes=(dims,), strict=False)
         for size in ((1, 1), (5, 3), (48, 44), (130, 70)):
             x = torch.randn(1, 128, *size)
-            _assert_close_to_largest(program.module()(x), reference(x), CONV_RTOL)
+            assert_close_to_largest(program.module()(x), reference(x), CONV_RTOL)

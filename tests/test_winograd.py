@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from focal_det2.modeling import winograd
 from focal_det2.modeling.winograd import use_winograd, winograd_conv2d
 
-from helpers import OpCounter, demo_cfg
+from helpers import OpCounter, assert_close_to_largest, demo_cfg
 
 WINOGRAD = "aten._nnpack_spatial_convolution.default"
 pytestmark = pytest.mark.skipif(not torch._nnpack_available(), reason="torch without NNPACK")
@@ -23,11 +23,6 @@ WEIGHT_GRADIENT = "aten.bmm.default"  # the F(4x4, 3x3) weight gradient's one ba
 CONV_RTOL = 1e-4
 LOSS_RTOL = 1e-4
 GRAD_RTOL = 5e-4
-
-
-def _assert_close_to_largest(ours, reference, rtol):
-    error = (ours - reference).abs().max().item()
-    assert error <= rtol * reference.abs().max().item(), error
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -46,9 +41,9 @@ def test_winograd_convolution_and_its_gradients_are_the_convolutions(bias):
     # Image by image, forward and the input's gradient; the weight's in one product.
     assert ops.counts[WINOGRAD] == 2 * 2
     assert ops.counts[WEIGHT_GRADIENT] == 1
-    _assert_close_to_largest(ours, reference, CONV_RTOL)
+    assert_close_to_largest(ours, reference, CONV_RTOL)
     for mine, theirs in zip(ours_grads, reference_grads, strict=True):
-        _assert_close_to_largest(mine, theirs, CONV_RTOL)
+        assert_close_to_largest(mine, theirs, CONV_RTOL)
     # Other algorithms, not the same kernels.
     assert not torch.equal(ours, reference)
     assert not torch.equal(ours_grads[1], reference_grads[1])
@@ -76,7 +71,7 @@ def test_weight_gradient_by_tiles_is_the_convolutions(shape, tiles, products, mo
     with OpCounter() as ops:
         ours = winograd._weight_gradient(x, upstream)
     assert ops.counts[WEIGHT_GRADIENT] + ops.counts["aten.baddbmm_.default"] == products
-    _assert_close_to_largest(ours, reference, CONV_RTOL)
+    assert_close_to_largest(ours, reference, CONV_RTOL)
 
 
 def test_maps_too_small_for_nnpack_take_only_the_weight_gradient_by_winograd():
@@ -89,7 +84,7 @@ def test_maps_too_small_for_nnpack_take_only_the_weight_gradient_by_winograd():
     reference = nn.Conv2d(256, 256, 3, padding=1)
     reference.load_state_dict(conv.state_dict())
     reference(x.detach()).sum().backward()
-    _assert_close_to_largest(conv.weight.grad, reference.weight.grad, CONV_RTOL)
+    assert_close_to_largest(conv.weight.grad, reference.weight.grad, CONV_RTOL)
     torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
     # Without gradients, or below 32 x 32, the direct convolution alone.
     with OpCounter() as ops:
@@ -151,7 +146,7 @@ def test_a_winograd_head_trains_as_the_direct_one():
     assert [n for n, p in winograd.named_parameters() if p.grad is not None] == with_gradients
     for name, parameter in winograd.named_parameters():
         if parameter.grad is not None:
-            _assert_close_to_largest(parameter.grad, parameters[name].grad, GRAD_RTOL)
+            assert_close_to_largest(parameter.grad, parameters[name].grad, GRAD_RTOL)
 
 
 def test_only_fitting_convolutions_take_winograd():
@@ -196,7 +191,7 @@ def test_exported_graphs_keep_the_standard_convolution():
         exported = program.module()(inputs)
         for ours, reference in zip(exported, eager, strict=True):
             for x, y in zip(ours, reference, strict=True):
-                _assert_close_to_largest(x, y, CONV_RTOL)
+                assert_close_to_largest(x, y, CONV_RTOL)
 
 
 def test_jit_traced_graphs_keep_the_standard_convolution():
