@@ -9,6 +9,7 @@ import torch
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator, RotatedAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.retinanet import RetinaNet, permute_to_N_HWA_K
 from detectron2.structures import Boxes, Instances
@@ -18,7 +19,7 @@ import focal_det2
 from focal_det2 import FocalRetinaNet
 from focal_det2.modeling import postprocess
 from focal_det2.modeling.losses import build_cls_loss
-from focal_det2.modeling.postprocess import dense_detections
+from focal_det2.modeling.postprocess import GridAnchors, dense_detections
 
 # float32 sums of ~10^5 terms in a different order: relative differences of a few 1e-6.
 LOSS_RTOL = 1e-5
@@ -368,14 +369,46 @@ def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
         first_pair += x.shape[1]
     found = set(zip(image.tolist(), index.tolist(), values.tolist()))
     assert found == expected and len(values) == len(expected)
-    # The exported graph's selection (no sampled bound), the same candidates.
-    image, index, values = postprocess._top_k_pairs(levels, thresh, k)
-    assert set(zip(image.tolist(), index.tolist(), values.tolist())) == expected
-    assert len(values) == len(expected)
+    # The exported graph's selection (no sampled bound, all levels at once), the same
+    # candidates as (anchor, class) pairs of 5 classes, scored: the values as logits of scores
+    # above 0.5.
+    image, anchor, classes, scores = postprocess._top_k_pairs(
+        [x.view(2, -1, 5) for x in levels], thresh, lambda x: x.double().sigmoid(), 0.5, k
+    )
+    index = anchor * 5 + classes
+    assert set(zip(image.tolist(), index.tolist())) == {(i, j) for i, j, _ in expected}
+    assert len(scores) == len(expected)
+    assert torch.equal(scores, torch.cat(levels, dim=1)[image, index].double().sigmoid())
     image, _ = postprocess._pairs_above_bounds(levels[0], thresh, k)
     counts = torch.bincount(image, minlength=2)
     assert (counts < (levels[0] > thresh).sum(1)).all() == (layout == "spread")
     assert (counts >= k).all()
+
+
+@pytest.mark.parametrize(
+    "offset, strides", [(0.0, [8, 16, 32, 64, 128]), (0.5, [8, 16, 32, 64, 128]), (0.3, [7, 13])]
+)
+def test_grid_anchors_are_the_generators_anchors_where_indexed(offset, strides):
+    generator = DefaultAnchorGenerator(
+        sizes=[[16 * 2**i, 20.16 * 2**i, 25.4 * 2**i] for i in range(len(strides))],
+        aspect_ratios=[[0.5, 1.0, 2.0]],
+        strides=strides,
+        offset=offset,
+    )
+    g = torch.Generator().manual_seed(0)
+    for height, width in [(37, 51), (1, 1), (100, 3)]:
+        grid_sizes = [(max(1, height >> i), max(1, width >> i)) for i in range(len(strides))]
+        features = [torch.zeros(1, 1, h, w) for h, w in grid_sizes]
+        every = torch.cat([x.tensor for x in generator(features)])
+        index = torch.cat([torch.arange(len(every)), torch.randint(len(every), (50,), generator=g)])
+        assert torch.equal(GridAnchors(generator, grid_sizes)[index], every[index])
+    with pytest.raises(TypeError, match="RotatedAnchorGenerator"):
+        GridAnchors(
+            RotatedAnchorGenerator(
+                sizes=[[32]], aspect_ratios=[[1.0]], angles=[[0]], strides=[8], offset=0.0
+            ),
+            [(2, 2)],
+        )
 
 
 def test_passing_pairs_beside_nan_samples_and_without_top_k():

@@ -1,7 +1,7 @@
 """The FocalRetinaNet meta-architecture."""
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -9,6 +9,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
@@ -29,7 +30,7 @@ from .acceleration import (
 from .folding import inference_copy, state_signature
 from .heads import FOCAL_HEAD_REGISTRY, build_focal_head
 from .losses import FOCAL_CLS_LOSS_REGISTRY, ClassificationLoss, build_cls_loss
-from .postprocess import dense_detections
+from .postprocess import GridAnchors, dense_detections
 from .winograd import use_winograd
 
 __all__ = ["FocalRetinaNet", "check_focal_config"]
@@ -509,11 +510,15 @@ class FocalRetinaNet(RetinaNet):
             max_detections_per_image=self.max_detections_per_image,
         )
 
-    def _inference_anchors(self, features: List[Tensor]) -> List[Tensor]:
+    def _inference_anchors(self, features: List[Tensor]) -> Union[List[Tensor], GridAnchors]:
         """
-        The anchors of each level, XYXY: in eager mode, those of the last call when the feature
-        maps have the same sizes (a fixed input size: no anchor generation per image).
+        The anchors of each level, XYXY: when exporting, Detectron2's default grid is computed
+        only for the candidates (:class:`GridAnchors`); in eager mode, those of the last call
+        when the feature maps have the same sizes (a fixed input size: no anchor generation per
+        image).
         """
+        if torch.compiler.is_exporting() and type(self.anchor_generator) is DefaultAnchorGenerator:
+            return GridAnchors(self.anchor_generator, [tuple(x.shape[-2:]) for x in features])
         if torch.compiler.is_exporting() or torch.compiler.is_compiling():
             return [x.tensor for x in self.anchor_generator(features)]
         key = (features[0].device, *(tuple(x.shape[-2:]) for x in features))
