@@ -126,7 +126,7 @@ def post_share(model, image: torch.Tensor, reps: int) -> float:
 
 
 def onnx_post_share(
-    onnx_path: str, feed: Dict[str, np.ndarray], reps: int, latency: float
+    onnx_path: str, feed: Dict[str, np.ndarray], reps: int, warmup: int, latency: float
 ) -> float:
     """
     Share of the ONNX graph's ``latency`` (seconds, the whole graph's median) after the head:
@@ -135,8 +135,8 @@ def onnx_post_share(
     calls. The head ends at the convolutions: Conv nodes and, by Winograd
     (:mod:`focal_det2.modeling.winograd`), the nodes up to a pixel shuffle (DepthToSpace) and
     the crop (Pad) and bias (Add) after it. onnxruntime's profiler would time each node, but
-    adds more to the time of its ~300 small nodes than they take (6.8 ms profiled, 3.3 ms
-    alone for the demo graph of session 20).
+    adds more to the time of many small nodes than they take (README: Deploy). The part after
+    the head runs in a loop of its own, right after the rounds that timed the whole graph.
     """
     graph = onnx.load(onnx_path).graph
     producers = {output: node for node in graph.node for output in node.output}
@@ -179,7 +179,7 @@ def onnx_post_share(
         post = onnxruntime.InferenceSession(post_path, providers=["CPUExecutionProvider"])
     post_feed = {**feed, **dict(zip(head_outputs, head.run(head_outputs, feed)))}
     post_feed = {x.name: post_feed[x.name] for x in post.get_inputs()}
-    for _ in range(3):
+    for _ in range(warmup):
         post.run(None, post_feed)
     times = []
     for _ in range(reps):
@@ -236,7 +236,9 @@ def bench_setting(name: str, reps: int, block: int, warmup: int, workdir: str) -
     shares = {
         MODELS[0]: post_share(reference, image, max(3, reps // 2)),
         MODELS[1]: post_share(ours, image, max(3, reps // 2)),
-        MODELS[2]: onnx_post_share(onnx_path, feed, 5 * reps, statistics.median(times[MODELS[2]])),
+        MODELS[2]: onnx_post_share(
+            onnx_path, feed, 5 * reps, warmup, statistics.median(times[MODELS[2]])
+        ),
     }
     lines = [
         f"## {name}: {config}, image {image.shape[1]}x{image.shape[2]}, {detections} detections"

@@ -21,6 +21,8 @@ from focal_det2.modeling import postprocess
 from focal_det2.modeling.losses import build_cls_loss
 from focal_det2.modeling.postprocess import GridAnchors, dense_detections
 
+from helpers import demo_cfg
+
 # float32 sums of ~10^5 terms in a different order: relative differences of a few 1e-6.
 LOSS_RTOL = 1e-5
 # Gradients: max abs difference relative to the largest gradient of the same parameter.
@@ -354,6 +356,13 @@ def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
     sampled = postprocess._SAMPLED_PAIRS_PER_TOPK * k
     levels = [torch.randn(2, n, generator=g) for n in (3 * sampled, sampled, 500)]
     levels.append(-1 - torch.rand(2, 300, generator=g))
+    # Fewer than k pass, beside values just below the threshold.
+    passing = torch.rand(2, 200, generator=g) < 0.1
+    levels.append(
+        torch.where(
+            passing, 0.5 + torch.rand(2, 200, generator=g), -0.45 * torch.rand(2, 200, generator=g)
+        )
+    )
     if layout == "sampled_pairs_largest":
         # The sample then overestimates the bound: fewer than k pairs above it, so the
         # threshold itself must be used.
@@ -371,14 +380,28 @@ def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
     assert found == expected and len(values) == len(expected)
     # The exported graph's selection (no sampled bound, all levels at once), the same
     # candidates as (anchor, class) pairs of 5 classes, scored: the values as logits of scores
-    # above 0.5.
+    # above 0.5, the anchors compared to a lower bound, as to a logit threshold's margin.
+    for first_level in (0, len(levels) - 2):
+        image, anchor, classes, scores = postprocess._top_k_pairs(
+            [x.view(2, -1, 5) for x in levels[first_level:]],
+            thresh - 0.5,
+            lambda x: x.double().sigmoid(),
+            0.5,
+            k,
+        )
+        index = anchor * 5 + classes + sum(x.shape[1] for x in levels[:first_level])
+        assert set(zip(image.tolist(), index.tolist())) == {
+            (i, j) for i, j, _ in expected if j >= sum(x.shape[1] for x in levels[:first_level])
+        }
+        assert torch.equal(scores, torch.cat(levels, dim=1)[image, index].double().sigmoid())
+    # One level.
     image, anchor, classes, scores = postprocess._top_k_pairs(
-        [x.view(2, -1, 5) for x in levels], thresh, lambda x: x.double().sigmoid(), 0.5, k
+        [levels[2].view(2, -1, 5)], thresh, lambda x: x.double().sigmoid(), 0.5, k
     )
-    index = anchor * 5 + classes
-    assert set(zip(image.tolist(), index.tolist())) == {(i, j) for i, j, _ in expected}
-    assert len(scores) == len(expected)
-    assert torch.equal(scores, torch.cat(levels, dim=1)[image, index].double().sigmoid())
+    first = levels[0].shape[1] + levels[1].shape[1]
+    assert set(zip(image.tolist(), (anchor * 5 + classes + first).tolist())) == {
+        (i, j) for i, j, _ in expected if first <= j < first + levels[2].shape[1]
+    }
     image, _ = postprocess._pairs_above_bounds(levels[0], thresh, k)
     counts = torch.bincount(image, minlength=2)
     assert (counts < (levels[0] > thresh).sum(1)).all() == (layout == "spread")
@@ -409,6 +432,24 @@ def test_grid_anchors_are_the_generators_anchors_where_indexed(offset, strides):
             ),
             [(2, 2)],
         )
+
+
+def test_exported_models_compute_the_anchors_of_the_candidates_only(monkeypatch):
+    model = build_model(demo_cfg("MODEL.DEVICE", "cpu")).eval()
+    features = [torch.zeros(1, 1, 40 >> i, 44 >> i) for i in range(5)]
+    every = torch.cat([x.tensor for x in model.anchor_generator(features)])
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    anchors = model._inference_anchors(features)
+    assert isinstance(anchors, GridAnchors)
+    assert torch.equal(anchors[torch.arange(len(every))], every)
+
+    class OwnGenerator(DefaultAnchorGenerator):
+        pass
+
+    # Another generator, even a subclass, may change the grid: all of its anchors.
+    model.anchor_generator.__class__ = OwnGenerator
+    anchors = model._inference_anchors(features)
+    assert isinstance(anchors, list) and torch.equal(torch.cat(anchors), every)
 
 
 def test_passing_pairs_beside_nan_samples_and_without_top_k():

@@ -512,10 +512,10 @@ class FocalRetinaNet(RetinaNet):
 
     def _inference_anchors(self, features: List[Tensor]) -> Union[List[Tensor], GridAnchors]:
         """
-        The anchors of each level, XYXY: when exporting, Detectron2's default grid is computed
-        only for the candidates (:class:`GridAnchors`); in eager mode, those of the last call
-        when the feature maps have the same sizes (a fixed input size: no anchor generation per
-        image).
+        The anchors of each level, XYXY: when exporting with Detectron2's default generator,
+        computed only for the candidates (:class:`GridAnchors`); when exporting with another
+        generator or compiling, all of them; in eager mode, those of the last call when the
+        feature maps have the same sizes (a fixed input size: no anchor generation per image).
         """
         if torch.compiler.is_exporting() and type(self.anchor_generator) is DefaultAnchorGenerator:
             return GridAnchors(self.anchor_generator, [tuple(x.shape[-2:]) for x in features])

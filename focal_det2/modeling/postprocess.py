@@ -105,7 +105,7 @@ def dense_detections(
         # the order of tied scores can differ from Detectron2's).
         keep = (scores > score_thresh).nonzero()[:, 0]
         image, anchor, classes, scores = image[keep], anchor[keep], classes[keep], scores[keep]
-    anchor_table = torch.cat(anchors) if isinstance(anchors, list) else anchors
+    anchor_table = anchors if isinstance(anchors, GridAnchors) else torch.cat(anchors)
     boxes = box2box_transform.apply_deltas(
         torch.cat(deltas, dim=1)[image, anchor], anchor_table[anchor]
     )
@@ -199,12 +199,13 @@ def _top_k_pairs(
     Exported: Detectron2's candidates, the top-k of each level's and image's pairs whose score
     is above the score threshold, as (image, anchor, class, score), the anchors numbered over
     the levels in order; traceable, and in a few operations for all levels (in onnxruntime,
-    the count of small operations sets the time: per level and image, this took 12). The
-    anchors whose largest ranked value is above ``thresh`` (a comparison of K times fewer
-    values) are scored, their pairs above the score threshold kept, and one sort by image,
-    level and score takes the top-k of each image and level. (The top-k of the pairs above
-    the threshold, then those whose score passes, as in eager mode, are the same: the others
-    rank below every passing one.)
+    the count of small operations sets the time: README, Deploy). The anchors whose largest
+    ranked value is above ``thresh`` (a comparison of K times fewer values) are scored, their
+    pairs above the score threshold kept, and one sort by image, level and score takes the
+    top-k of each image and level. (The top-k of the pairs above the threshold, then those
+    whose score passes, as in eager mode, are the same: the others rank below every passing
+    one.) An anchor with a NaN value, whose largest value is NaN, gives no candidate (eager
+    mode and Detectron2 keep its other passing classes): a broken model either way.
 
     Args:
         ranked_levels: #lvl tensors (N, Ri, K), ranked as the scores.
@@ -212,6 +213,10 @@ def _top_k_pairs(
         to_scores: the scores, in [0, 1], of (M, K) ranked values.
         score_thresh: a candidate's score must be above this.
         k: candidates kept per level and image.
+
+    Returns:
+        (image, anchor, class, score) of the C candidates, (C,) each, int64 but the scores,
+        by image and level, each level's by descending score.
     """
     num_images, num_levels = ranked_levels[0].shape[0], len(ranked_levels)
     ranked = torch.cat(ranked_levels, dim=1)  # (N, R, K)
@@ -230,10 +235,10 @@ class GridAnchors:
     """
     The anchors of Detectron2's ``DefaultAnchorGenerator`` on feature maps of given sizes,
     computed only where indexed: ``GridAnchors(generator, sizes)[index]`` equals
-    ``torch.cat([x.tensor for x in generator(features)])[index]``, bit for bit, for the (M,)
-    int64 indices of anchors into the concatenation of the levels. The exported graph decodes
-    its few hundred candidates with it instead of building every anchor (the demo model: 95
-    operations, 1.5 ms in onnxruntime).
+    ``torch.cat([x.tensor for x in generator(features)])[index]`` for the (M,) int64 indices
+    of anchors into the concatenation of the levels: bit for bit on CPU (where ``torch.arange``
+    computes in float64, as here), and on any device where offset x stride is exact in float32. The
+    exported graph decodes its candidates with it instead of building every anchor.
     """
 
     def __init__(self, generator: DefaultAnchorGenerator, grid_sizes: List[Tuple[int, int]]):
