@@ -22,6 +22,7 @@ import argparse
 import copy
 import logging
 import sys
+import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -323,6 +324,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``python -m focal_det2.export``: the exit status."""
     args = argument_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # The ONNX tools log each of their hundreds of graph rewrites at INFO.
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config_file, args.opts)
         model = load_model(cfg)
@@ -330,8 +334,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     winograd = {"auto": None, "on": True, "off": False}[cfg.MODEL.FOCAL_RETINANET.WINOGRAD]
+    start = time.perf_counter()
     export(model, args.output, args.format, _example_image(cfg), winograd)
-    print(f"wrote {args.output} ({FORMATS[args.format]})")
+    print(f"wrote {args.output} ({FORMATS[args.format]}) in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -4,6 +4,7 @@ model's detections; OnnxPredictor gives DefaultPredictor's.
 """
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -232,14 +233,8 @@ def test_export_cli_bad_weights_names_the_file_and_keeps_the_output(tmp_path, ca
         main([*argv, "--format", "tflite"])
 
 
-@pytest.mark.parametrize(
-    "setting, fmt, winograd",
-    [("auto", "onnx", True), ("auto", "torch_export", False), ("on", "torch_export", True)]
-    + [("off", "onnx", False)],
-)
-def test_export_cli_puts_winograd_in_the_graph_as_the_config_says(
-    tmp_path, monkeypatch, setting, fmt, winograd
-):
+def _traced_exports(monkeypatch):
+    """The ``winograd`` argument of each export the CLI traces; nothing traced or written."""
     from focal_det2 import export as export_module
 
     traced = []
@@ -249,9 +244,34 @@ def test_export_cli_puts_winograd_in_the_graph_as_the_config_says(
         lambda model, example, winograd=False: traced.append(winograd) or "program",
     )
     monkeypatch.setattr(export_module, "save_program", lambda program, output, fmt: None)
+    return traced
+
+
+@pytest.mark.parametrize(
+    "setting, fmt, winograd",
+    [("auto", "onnx", True), ("auto", "torch_export", False), ("on", "torch_export", True)]
+    + [("off", "onnx", False)],
+)
+def test_export_cli_puts_winograd_in_the_graph_as_the_config_says(
+    tmp_path, monkeypatch, setting, fmt, winograd
+):
+    traced = _traced_exports(monkeypatch)
     argv = ["--config-file", str(REPO / "configs" / "demo.yaml"), "--output", str(tmp_path / "m")]
     assert main([*argv, "--format", fmt, "MODEL.FOCAL_RETINANET.WINOGRAD", setting]) == 0
     assert traced == [winograd]
+
+
+def test_export_cli_logs_progress_but_not_the_onnx_tools_rewrites(tmp_path, monkeypatch, capsys):
+    _traced_exports(monkeypatch)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.INFO)
+    output = str(tmp_path / "m.onnx")
+    assert main(["--config-file", str(REPO / "configs" / "demo.yaml"), "--output", output]) == 0
+    assert f"wrote {output}" in capsys.readouterr().out
+    # onnxscript's optimiser and onnx_ir's passes log each of hundreds of rewrites at INFO.
+    assert not logging.getLogger("onnxscript.optimizer").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("onnx_ir.passes.common").isEnabledFor(logging.INFO)
+    assert logging.getLogger("focal_det2.export").isEnabledFor(logging.INFO)
 
 
 def test_onnx_predictor_bad_file_names_it(tmp_path):
