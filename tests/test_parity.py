@@ -381,27 +381,22 @@ def test_passing_pairs_are_the_top_k_above_the_threshold(layout):
     # The exported graph's selection (no sampled bound, all levels at once), the same
     # candidates as (anchor, class) pairs of 5 classes, scored: the values as logits of scores
     # above 0.5, the anchors compared to a lower bound, as to a logit threshold's margin.
-    for first_level in (0, len(levels) - 2):
+    # All levels, the last two, and one level alone.
+    for first, last in ((0, len(levels)), (len(levels) - 2, len(levels)), (2, 3)):
         image, anchor, classes, scores = postprocess._top_k_pairs(
-            [x.view(2, -1, 5) for x in levels[first_level:]],
+            [x.view(2, -1, 5) for x in levels[first:last]],
             thresh - 0.5,
             lambda x: x.double().sigmoid(),
             0.5,
             k,
         )
-        index = anchor * 5 + classes + sum(x.shape[1] for x in levels[:first_level])
+        first_pair = sum(x.shape[1] for x in levels[:first])
+        end_pair = sum(x.shape[1] for x in levels[:last])
+        index = anchor * 5 + classes + first_pair
         assert set(zip(image.tolist(), index.tolist())) == {
-            (i, j) for i, j, _ in expected if j >= sum(x.shape[1] for x in levels[:first_level])
+            (i, j) for i, j, _ in expected if first_pair <= j < end_pair
         }
         assert torch.equal(scores, torch.cat(levels, dim=1)[image, index].double().sigmoid())
-    # One level.
-    image, anchor, classes, scores = postprocess._top_k_pairs(
-        [levels[2].view(2, -1, 5)], thresh, lambda x: x.double().sigmoid(), 0.5, k
-    )
-    first = levels[0].shape[1] + levels[1].shape[1]
-    assert set(zip(image.tolist(), (anchor * 5 + classes + first).tolist())) == {
-        (i, j) for i, j, _ in expected if first <= j < first + levels[2].shape[1]
-    }
     image, _ = postprocess._pairs_above_bounds(levels[0], thresh, k)
     counts = torch.bincount(image, minlength=2)
     assert (counts < (levels[0] > thresh).sum(1)).all() == (layout == "spread")

@@ -276,7 +276,7 @@ class GridAnchors:
         shift_x = (x.to(torch.float64) * stride + start).to(torch.float32)
         shift_y = (y.to(torch.float64) * stride + start).to(torch.float32)
         shifts = torch.stack([shift_x, shift_y, shift_x, shift_y], dim=1)
-        return shifts + self.cell_anchors[level, in_level - cell * num_cell_anchors]
+        return shifts + self.cell_anchors[level, in_level % num_cell_anchors]
 
 
 def _capped_nms(
