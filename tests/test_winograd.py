@@ -11,7 +11,8 @@ from torch.nn import functional as F
 from focal_det2.modeling import winograd
 from focal_det2.modeling.winograd import use_winograd, winograd_conv2d
 
-from helpers import OpCounter, assert_close_to_largest, demo_cfg
+from helpers import OpCounter, assert_close_to_largest
+from helpers import demo_cfg_without_fpn_norm as demo_cfg
 
 WINOGRAD = "aten._nnpack_spatial_convolution.default"
 pytestmark = pytest.mark.skipif(not torch._nnpack_available(), reason="torch without NNPACK")
