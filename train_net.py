@@ -10,6 +10,7 @@ import contextlib
 import logging
 import sys
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
@@ -71,6 +72,16 @@ def setup(args):
 
 def main(args):
     """Train, or with ``--eval-only`` evaluate, in one process of the job."""
+    result = train_or_evaluate(args)
+    if comm.get_world_size() > 1:
+        # Leave together: a process that exits while its peer's gloo threads still talk to it
+        # can abort the peer ("terminate called without an active exception").
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def train_or_evaluate(args):
     cfg = setup(args)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det2")
